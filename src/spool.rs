@@ -172,10 +172,7 @@ pub struct SpoolOptions {
 
 impl Default for SpoolOptions {
     fn default() -> Self {
-        Self {
-            max_bytes: 1 << 30,
-            segment_bytes: 16 << 20,
-        }
+        Self { max_bytes: 1 << 30, segment_bytes: 16 << 20 }
     }
 }
 
@@ -230,21 +227,13 @@ impl SpoolRecord {
         if p.remaining() != n {
             return Err(SpoolError::Corrupt("envelope length mismatch"));
         }
-        Ok(Self {
-            source,
-            routing_key,
-            event_id,
-            envelope: p,
-        })
+        Ok(Self { source, routing_key, event_id, envelope: p })
     }
 
     fn encode_into(&self, out: &mut Vec<u8>) -> Result<(), SpoolError> {
         let len = self.payload_len();
         if len > MAX_PAYLOAD_LEN {
-            return Err(SpoolError::TooLarge {
-                len,
-                max: MAX_PAYLOAD_LEN,
-            });
+            return Err(SpoolError::TooLarge { len, max: MAX_PAYLOAD_LEN });
         }
         out.reserve(len);
         out.push(RECORD_VERSION);
@@ -272,10 +261,7 @@ impl SpoolRecord {
 }
 
 fn put_str(out: &mut Vec<u8>, field: &'static str, s: &str) -> Result<(), SpoolError> {
-    let len = u16::try_from(s.len()).map_err(|_| SpoolError::FieldTooLong {
-        field,
-        len: s.len(),
-    })?;
+    let len = u16::try_from(s.len()).map_err(|_| SpoolError::FieldTooLong { field, len: s.len() })?;
     out.extend_from_slice(&len.to_le_bytes());
     out.extend_from_slice(s.as_bytes());
     Ok(())
@@ -486,10 +472,7 @@ impl Drop for Reservation {
 
 impl Spool {
     /// Opens (creating if needed) the spool in `dir`, recovering from any crash.
-    pub async fn open(
-        dir: impl AsRef<Path>,
-        opts: SpoolOptions,
-    ) -> Result<(Spool, OpenReport), SpoolError> {
+    pub async fn open(dir: impl AsRef<Path>, opts: SpoolOptions) -> Result<(Spool, OpenReport), SpoolError> {
         if opts.max_bytes == 0 {
             return Err(SpoolError::InvalidOptions("max_bytes must be > 0"));
         }
@@ -498,15 +481,9 @@ impl Spool {
         }
         let dir = dir.as_ref().to_path_buf();
         let rec_dir = dir.clone();
-        let recovered = tokio::task::spawn_blocking(move || recover(&rec_dir))
-            .await
-            .map_err(join_error)??;
-        let Recovered {
-            state,
-            active,
-            next_seq,
-            report,
-        } = recovered;
+        let recovered =
+            tokio::task::spawn_blocking(move || recover(&rec_dir)).await.map_err(join_error)??;
+        let Recovered { state, active, next_seq, report } = recovered;
         let core = Arc::new(Core {
             state: Mutex::new(state),
             nonempty: Notify::new(),
@@ -525,9 +502,7 @@ impl Spool {
             next_seq,
             buf: Vec::new(),
         };
-        std::thread::Builder::new()
-            .name("hookrelay-spool-writer".into())
-            .spawn(move || writer.run(rx))?;
+        std::thread::Builder::new().name("hookrelay-spool-writer".into()).spawn(move || writer.run(rx))?;
         let spool = Spool {
             inner: Arc::new(Inner {
                 dir,
@@ -558,11 +533,7 @@ impl Spool {
         let (ack, done) = oneshot::channel();
         self.inner
             .tx
-            .send(Command::Append(PendingAppend {
-                frame,
-                reservation,
-                ack,
-            }))
+            .send(Command::Append(PendingAppend { frame, reservation, ack }))
             .await
             .map_err(|_| SpoolError::Closed)?;
         done.await.map_err(|_| SpoolError::Closed)?
@@ -576,10 +547,7 @@ impl Spool {
             return Err(SpoolError::Full);
         }
         s.reserved += bytes;
-        Ok(Reservation {
-            core: core.clone(),
-            bytes,
-        })
+        Ok(Reservation { core: core.clone(), bytes })
     }
 
     /// Pending records and their bytes.
@@ -623,10 +591,7 @@ impl Spool {
     }
 
     /// Up to `max` pending records, oldest first, without removing them.
-    pub async fn peek_batch(
-        &self,
-        max: usize,
-    ) -> Result<Vec<(SpoolPosition, SpoolRecord)>, SpoolError> {
+    pub async fn peek_batch(&self, max: usize) -> Result<Vec<(SpoolPosition, SpoolRecord)>, SpoolError> {
         if max == 0 {
             return Ok(Vec::new());
         }
@@ -637,21 +602,17 @@ impl Spool {
                 if s.depth().events == 0 {
                     return Ok(Vec::new());
                 }
-                let segs: Vec<(u64, SegInfo)> = s
-                    .segments
-                    .range(s.head.seg..)
-                    .map(|(k, v)| (*k, *v))
-                    .collect();
+                let segs: Vec<(u64, SegInfo)> =
+                    s.segments.range(s.head.seg..).map(|(k, v)| (*k, *v)).collect();
                 (s.head, segs)
             };
             let cached = drain.file.take();
             let dir = self.inner.dir.clone();
             let instance = self.inner.instance;
-            let (cached, res) = tokio::task::spawn_blocking(move || {
-                read_batch(&dir, instance, cached, head, &segs, max)
-            })
-            .await
-            .map_err(join_error)?;
+            let (cached, res) =
+                tokio::task::spawn_blocking(move || read_batch(&dir, instance, cached, head, &segs, max))
+                    .await
+                    .map_err(join_error)?;
             drain.file = cached;
             let read = res?;
             if !read.items.is_empty() {
@@ -692,12 +653,7 @@ impl Spool {
                 _ => return Err(SpoolError::InvalidPosition),
             }
         }
-        let target = Head {
-            seg: pos.segment,
-            off: pos.end,
-            index: pos.index + 1,
-            byte: pos.byte_end,
-        };
+        let target = Head { seg: pos.segment, off: pos.end, index: pos.index + 1, byte: pos.byte_end };
         self.advance_head(&mut drain, target).await
     }
 
@@ -753,12 +709,7 @@ fn normalize_head(mut head: Head, segments: &BTreeMap<u64, SegInfo>) -> Head {
         let Some((next, _)) = segments.range(head.seg + 1..).next() else {
             return head;
         };
-        head = Head {
-            seg: *next,
-            off: SEGMENT_HEADER_LEN,
-            index: info.end_index,
-            byte: info.end_byte,
-        };
+        head = Head { seg: *next, off: SEGMENT_HEADER_LEN, index: info.end_index, byte: info.end_byte };
     }
 }
 
@@ -852,11 +803,7 @@ impl FrameError {
 
 /// Reads one frame at the reader's position, `remaining` bytes being
 /// readable. `Ok(Err(_))` for an invalid frame, `Err` for an I/O error.
-fn read_frame(
-    r: &mut impl Read,
-    remaining: u64,
-    buf: &mut Vec<u8>,
-) -> io::Result<Result<(), FrameError>> {
+fn read_frame(r: &mut impl Read, remaining: u64, buf: &mut Vec<u8>) -> io::Result<Result<(), FrameError>> {
     if remaining < FRAME_HEADER_LEN {
         return Ok(Err(FrameError::TornHeader));
     }
@@ -905,15 +852,8 @@ struct Scan {
 fn scan_segment(path: &Path, start: u64) -> io::Result<Scan> {
     let mut f = File::open(path)?;
     let file_len = f.metadata()?.len();
-    let mut scan = Scan {
-        file_len,
-        header_ok: false,
-        start,
-        valid_len: 0,
-        records: 0,
-        bytes: 0,
-        error: None,
-    };
+    let mut scan =
+        Scan { file_len, header_ok: false, start, valid_len: 0, records: 0, bytes: 0, error: None };
     if file_len < SEGMENT_HEADER_LEN {
         return Ok(scan);
     }
@@ -976,11 +916,7 @@ fn list_segments(dir: &Path) -> io::Result<(Vec<u64>, u64)> {
 fn create_segment(dir: &Path, seq: u64) -> io::Result<File> {
     let path = segment_path(dir, seq);
     let res = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)?;
+        let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&path)?;
         f.write_all(&SEGMENT_MAGIC)?;
         Ok(f)
     })();
@@ -1011,13 +947,7 @@ fn recover(dir: &Path) -> io::Result<Recovered> {
     let cursor = read_cursor(dir)?;
     let (mut seqs, max_corrupt) = list_segments(dir)?;
     let mut report = OpenReport::default();
-    let mut next_seq = seqs
-        .last()
-        .copied()
-        .unwrap_or(0)
-        .max(max_corrupt)
-        .max(cursor.map_or(0, |c| c.0))
-        + 1;
+    let mut next_seq = seqs.last().copied().unwrap_or(0).max(max_corrupt).max(cursor.map_or(0, |c| c.0)) + 1;
 
     // Segments below the cursor were fully consumed; a crash may have kept
     // them from being deleted.
@@ -1052,11 +982,7 @@ fn recover(dir: &Path) -> io::Result<Recovered> {
         let is_tail = i + 1 == n;
         let path = segment_path(dir, seq);
         let is_head_seg = head.is_none();
-        let start = if is_head_seg {
-            head_off
-        } else {
-            SEGMENT_HEADER_LEN
-        };
+        let start = if is_head_seg { head_off } else { SEGMENT_HEADER_LEN };
         let scan = scan_segment(&path, start)?;
         if !scan.header_ok {
             if is_tail && scan.file_len < SEGMENT_HEADER_LEN {
@@ -1070,28 +996,13 @@ fn recover(dir: &Path) -> io::Result<Recovered> {
                 if is_head_seg {
                     head_off = SEGMENT_HEADER_LEN;
                 }
-                let info = SegInfo {
-                    len: SEGMENT_HEADER_LEN,
-                    end_index: index,
-                    end_byte: byte,
-                    sealed: false,
-                };
+                let info =
+                    SegInfo { len: SEGMENT_HEADER_LEN, end_index: index, end_byte: byte, sealed: false };
                 if head.is_none() {
-                    head = Some(Head {
-                        seg: seq,
-                        off: SEGMENT_HEADER_LEN,
-                        index,
-                        byte,
-                    });
+                    head = Some(Head { seg: seq, off: SEGMENT_HEADER_LEN, index, byte });
                 }
                 segments.insert(seq, info);
-                active = Some(Active {
-                    seq,
-                    file: f,
-                    len: SEGMENT_HEADER_LEN,
-                    records: 0,
-                    dirty: false,
-                });
+                active = Some(Active { seq, file: f, len: SEGMENT_HEADER_LEN, records: 0, dirty: false });
                 continue;
             }
             let aside = dir.join(format!("{seq:020}{CORRUPT_SUFFIX}"));
@@ -1143,24 +1054,12 @@ fn recover(dir: &Path) -> io::Result<Recovered> {
             }
         }
         if head.is_none() {
-            head = Some(Head {
-                seg: seq,
-                off: scan.start,
-                index,
-                byte,
-            });
+            head = Some(Head { seg: seq, off: scan.start, index, byte });
         }
         index += scan.records;
         byte += scan.bytes;
-        segments.insert(
-            seq,
-            SegInfo {
-                len: scan.valid_len,
-                end_index: index,
-                end_byte: byte,
-                sealed: !is_tail,
-            },
-        );
+        segments
+            .insert(seq, SegInfo { len: scan.valid_len, end_index: index, end_byte: byte, sealed: !is_tail });
         if is_tail {
             let mut file = OpenOptions::new().write(true).open(&path)?;
             file.seek(SeekFrom::Start(scan.valid_len))?;
@@ -1189,37 +1088,16 @@ fn recover(dir: &Path) -> io::Result<Recovered> {
             file.sync_all()?;
             segments.insert(
                 seq,
-                SegInfo {
-                    len: SEGMENT_HEADER_LEN,
-                    end_index: index,
-                    end_byte: byte,
-                    sealed: false,
-                },
+                SegInfo { len: SEGMENT_HEADER_LEN, end_index: index, end_byte: byte, sealed: false },
             );
             if head.is_none() {
-                head = Some(Head {
-                    seg: seq,
-                    off: SEGMENT_HEADER_LEN,
-                    index,
-                    byte,
-                });
+                head = Some(Head { seg: seq, off: SEGMENT_HEADER_LEN, index, byte });
                 cursor_dirty = cursor.is_some();
             }
-            Active {
-                seq,
-                file,
-                len: SEGMENT_HEADER_LEN,
-                records: 0,
-                dirty: false,
-            }
+            Active { seq, file, len: SEGMENT_HEADER_LEN, records: 0, dirty: false }
         }
     };
-    let first = head.unwrap_or(Head {
-        seg: active.seq,
-        off: SEGMENT_HEADER_LEN,
-        index,
-        byte,
-    });
+    let first = head.unwrap_or(Head { seg: active.seq, off: SEGMENT_HEADER_LEN, index, byte });
     let head = normalize_head(first, &segments);
     if head != first {
         cursor_dirty = true;
@@ -1234,13 +1112,7 @@ fn recover(dir: &Path) -> io::Result<Recovered> {
     }
     sync_dir(dir)?;
 
-    let state = State {
-        segments,
-        head,
-        tail_index: index,
-        tail_byte: byte,
-        reserved: 0,
-    };
+    let state = State { segments, head, tail_index: index, tail_byte: byte, reserved: 0 };
     let depth = state.depth();
     report.records = depth.events;
     report.bytes = depth.bytes;
@@ -1254,12 +1126,7 @@ fn recover(dir: &Path) -> io::Result<Recovered> {
             "spool: recovered with corrupt data skipped"
         );
     }
-    Ok(Recovered {
-        state,
-        active,
-        next_seq,
-        report,
-    })
+    Ok(Recovered { state, active, next_seq, report })
 }
 
 /// The segment the writer appends to.
@@ -1335,28 +1202,14 @@ impl Writer {
         self.next_seq += 1;
         let old = std::mem::replace(
             &mut self.active,
-            Active {
-                seq,
-                file,
-                len: SEGMENT_HEADER_LEN,
-                records: 0,
-                dirty: false,
-            },
+            Active { seq, file, len: SEGMENT_HEADER_LEN, records: 0, dirty: false },
         );
         let mut s = self.core.lock();
         if let Some(info) = s.segments.get_mut(&old.seq) {
             info.sealed = true;
         }
         let (end_index, end_byte) = (s.tail_index, s.tail_byte);
-        s.segments.insert(
-            seq,
-            SegInfo {
-                len: SEGMENT_HEADER_LEN,
-                end_index,
-                end_byte,
-                sealed: false,
-            },
-        );
+        s.segments.insert(seq, SegInfo { len: SEGMENT_HEADER_LEN, end_index, end_byte, sealed: false });
         drop(s);
         drop(old);
         Ok(())
@@ -1437,9 +1290,7 @@ impl Writer {
 
 fn fail_all(items: impl Iterator<Item = PendingAppend>, e: &io::Error) {
     for p in items {
-        let _ = p
-            .ack
-            .send(Err(SpoolError::Io(io::Error::new(e.kind(), e.to_string()))));
+        let _ = p.ack.send(Err(SpoolError::Io(io::Error::new(e.kind(), e.to_string()))));
     }
 }
 
@@ -1465,10 +1316,7 @@ fn read_batch(
     segs: &[(u64, SegInfo)],
     max: usize,
 ) -> (Option<(u64, File)>, io::Result<ReadOutcome>) {
-    let mut out = ReadOutcome {
-        items: Vec::new(),
-        bad: None,
-    };
+    let mut out = ReadOutcome { items: Vec::new(), bad: None };
     let mut index = head.index;
     let mut byte = head.byte;
     let mut read_bytes = 0u64;
@@ -1477,11 +1325,7 @@ fn read_batch(
         if out.items.len() >= max || read_bytes >= MAX_PEEK_BYTES {
             break;
         }
-        let mut off = if seq == head.seg {
-            head.off
-        } else {
-            SEGMENT_HEADER_LEN
-        };
+        let mut off = if seq == head.seg { head.off } else { SEGMENT_HEADER_LEN };
         if off >= info.len {
             continue;
         }
@@ -1490,12 +1334,7 @@ fn read_batch(
             offset: off,
             reason,
             rest_of_segment: true,
-            new_head: Head {
-                seg: seq,
-                off: info.len,
-                index: info.end_index,
-                byte: info.end_byte,
-            },
+            new_head: Head { seg: seq, off: info.len, index: info.end_index, byte: info.end_byte },
         };
         let file = match cached.take() {
             Some((s, f)) if s == seq => f,
@@ -1526,14 +1365,8 @@ fn read_batch(
                 let payload = Bytes::from(std::mem::take(&mut buf));
                 match SpoolRecord::decode_payload(payload) {
                     Ok(rec) => {
-                        let pos = SpoolPosition {
-                            instance,
-                            index,
-                            segment: seq,
-                            offset: off,
-                            end,
-                            byte_end: byte,
-                        };
+                        let pos =
+                            SpoolPosition { instance, index, segment: seq, offset: off, end, byte_end: byte };
                         read_bytes += size;
                         out.items.push((pos, rec));
                     }
@@ -1548,12 +1381,7 @@ fn read_batch(
                                 offset: off,
                                 reason,
                                 rest_of_segment: false,
-                                new_head: Head {
-                                    seg: seq,
-                                    off: end,
-                                    index: index + 1,
-                                    byte,
-                                },
+                                new_head: Head { seg: seq, off: end, index: index + 1, byte },
                             });
                         }
                         return Ok(false);
@@ -1572,4 +1400,661 @@ fn read_batch(
         }
     }
     (cached, Ok(out))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> Self {
+            let p = std::env::temp_dir().join(format!(
+                "hookrelay-spool-{name}-{}-{}",
+                std::process::id(),
+                TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+            ));
+            let _ = fs::remove_dir_all(&p);
+            Self(p)
+        }
+        fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn rec(i: usize) -> SpoolRecord {
+        SpoolRecord {
+            source: "github".into(),
+            routing_key: format!("webhooks.github.push.{i}"),
+            event_id: format!("evt-{i:06}"),
+            envelope: Bytes::from(format!("{{\"specversion\":\"1.0\",\"n\":{i}}}")),
+        }
+    }
+
+    fn frame_len(r: &SpoolRecord) -> u64 {
+        FRAME_HEADER_LEN + r.payload_len() as u64
+    }
+
+    fn opts(max_bytes: u64, segment_bytes: u64) -> SpoolOptions {
+        SpoolOptions { max_bytes, segment_bytes }
+    }
+
+    fn seg_files(dir: &Path) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Peeks and removes everything, returning the records in order.
+    async fn drain_all(spool: &Spool, batch: usize) -> Vec<SpoolRecord> {
+        let mut out = Vec::new();
+        loop {
+            let items = spool.peek_batch(batch).await.unwrap();
+            let Some((last, _)) = items.last() else { break };
+            let last = *last;
+            out.extend(items.into_iter().map(|(_, r)| r));
+            spool.remove_through(last).await.unwrap();
+        }
+        out
+    }
+
+    async fn peek_all(spool: &Spool) -> Vec<SpoolRecord> {
+        spool.peek_batch(usize::MAX).await.unwrap().into_iter().map(|(_, r)| r).collect()
+    }
+
+    fn flip_byte(path: &Path, at: u64) {
+        let mut data = fs::read(path).unwrap();
+        data[at as usize] ^= 0x5a;
+        fs::write(path, data).unwrap();
+    }
+
+    #[test]
+    fn record_codec_roundtrip_and_limits() {
+        let r = rec(7);
+        let payload = r.encode_payload().unwrap();
+        assert_eq!(payload.len(), r.payload_len());
+        assert_eq!(SpoolRecord::decode_payload(Bytes::from(payload.clone())).unwrap(), r);
+        for cut in 0..payload.len() {
+            assert!(SpoolRecord::decode_payload(Bytes::copy_from_slice(&payload[..cut])).is_err());
+        }
+        let mut long = rec(1);
+        long.routing_key = "x".repeat(70_000);
+        assert!(matches!(long.encode_payload(), Err(SpoolError::FieldTooLong { field: "routing_key", .. })));
+        let mut bad_version = payload;
+        bad_version[0] = 9;
+        assert!(SpoolRecord::decode_payload(Bytes::from(bad_version)).is_err());
+    }
+
+    #[tokio::test]
+    async fn append_peek_remove_in_order() {
+        let tmp = TempDir::new("order");
+        let (spool, report) = Spool::open(tmp.path(), SpoolOptions::default()).await.unwrap();
+        assert_eq!(report.records, 0);
+        assert_eq!(spool.depth(), SpoolDepth::default());
+        assert!(spool.peek_batch(10).await.unwrap().is_empty());
+        let mut bytes = 0;
+        for i in 0..10 {
+            spool.append(rec(i)).await.unwrap();
+            bytes += frame_len(&rec(i));
+        }
+        assert_eq!(spool.depth(), SpoolDepth { events: 10, bytes });
+
+        let first = spool.peek_batch(4).await.unwrap();
+        let got: Vec<_> = first.iter().map(|(_, r)| r.clone()).collect();
+        assert_eq!(got, (0..4).map(rec).collect::<Vec<_>>());
+        // Peeking does not consume.
+        let again = spool.peek_batch(4).await.unwrap();
+        assert_eq!(first, again);
+        assert!(first.windows(2).all(|w| w[0].0 < w[1].0));
+
+        spool.remove_through(first[1].0).await.unwrap();
+        assert_eq!(spool.depth().events, 8);
+        assert_eq!(spool.depth().bytes, bytes - frame_len(&rec(0)) - frame_len(&rec(1)));
+        // Removing an already removed position is a no-op.
+        spool.remove_through(first[0].0).await.unwrap();
+        assert_eq!(spool.depth().events, 8);
+
+        let rest = drain_all(&spool, 3).await;
+        assert_eq!(rest, (2..10).map(rec).collect::<Vec<_>>());
+        assert_eq!(spool.depth(), SpoolDepth::default());
+        assert!(spool.peek_batch(10).await.unwrap().is_empty());
+        assert_eq!(spool.stats().cursor_writes, 4);
+    }
+
+    #[tokio::test]
+    async fn reopen_after_drop_finds_everything() {
+        let tmp = TempDir::new("reopen");
+        {
+            let (spool, _) = Spool::open(tmp.path(), opts(1 << 20, 1024)).await.unwrap();
+            for i in 0..40 {
+                spool.append(rec(i)).await.unwrap();
+            }
+            let items = spool.peek_batch(5).await.unwrap();
+            spool.remove_through(items[4].0).await.unwrap();
+            // Dropped without close.
+        }
+        let (spool, report) = Spool::open(tmp.path(), opts(1 << 20, 1024)).await.unwrap();
+        assert_eq!(report.records, 35);
+        assert_eq!(report.corrupt_records_skipped, 0);
+        assert_eq!(report.bytes, (5..40).map(|i| frame_len(&rec(i))).sum::<u64>());
+        assert_eq!(spool.depth().events, 35);
+        spool.append(rec(40)).await.unwrap();
+        assert_eq!(peek_all(&spool).await, (5..41).map(rec).collect::<Vec<_>>());
+        spool.close().await;
+        drop(spool);
+        let (spool, report) = Spool::open(tmp.path(), opts(1 << 20, 1024)).await.unwrap();
+        assert_eq!(report.records, 36);
+        assert_eq!(drain_all(&spool, 7).await, (5..41).map(rec).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn torn_tail_at_any_cut_point_is_truncated_and_counted() {
+        let last = frame_len(&rec(4));
+        // Cuts inside the frame header and inside the payload of the last record.
+        for cut in [1, 3, 4, 7, 8, 9, last / 2, last - 1] {
+            let tmp = TempDir::new("torn");
+            {
+                let (spool, _) = Spool::open(tmp.path(), SpoolOptions::default()).await.unwrap();
+                for i in 0..5 {
+                    spool.append(rec(i)).await.unwrap();
+                }
+                spool.close().await;
+            }
+            let seg = seg_files(tmp.path()).pop().unwrap();
+            let full = fs::metadata(&seg).unwrap().len();
+            let f = OpenOptions::new().write(true).open(&seg).unwrap();
+            f.set_len(full - cut).unwrap();
+            drop(f);
+
+            let (spool, report) = Spool::open(tmp.path(), SpoolOptions::default()).await.unwrap();
+            assert_eq!(report.records, 4, "cut {cut}");
+            assert_eq!(report.corrupt_records_skipped, 1, "cut {cut}");
+            assert_eq!(report.truncated_bytes, last - cut, "cut {cut}");
+            assert_eq!(fs::metadata(&seg).unwrap().len(), full - last);
+            assert_eq!(spool.stats().corrupt_records_skipped, 1);
+            spool.append(rec(99)).await.unwrap();
+            let mut want: Vec<_> = (0..4).map(rec).collect();
+            want.push(rec(99));
+            assert_eq!(peek_all(&spool).await, want);
+            drop(spool);
+            let (spool, report) = Spool::open(tmp.path(), SpoolOptions::default()).await.unwrap();
+            assert_eq!(report.corrupt_records_skipped, 0);
+            assert_eq!(peek_all(&spool).await, want);
+        }
+    }
+
+    #[tokio::test]
+    async fn flipped_byte_in_last_record_is_skipped() {
+        let tmp = TempDir::new("flip");
+        {
+            let (spool, _) = Spool::open(tmp.path(), SpoolOptions::default()).await.unwrap();
+            for i in 0..5 {
+                spool.append(rec(i)).await.unwrap();
+            }
+        }
+        let seg = seg_files(tmp.path()).pop().unwrap();
+        let len = fs::metadata(&seg).unwrap().len();
+        flip_byte(&seg, len - 3);
+        let (spool, report) = Spool::open(tmp.path(), SpoolOptions::default()).await.unwrap();
+        assert_eq!(report.records, 4);
+        assert_eq!(report.corrupt_records_skipped, 1);
+        spool.append(rec(5)).await.unwrap();
+        let got = drain_all(&spool, 2).await;
+        assert_eq!(got, [0, 1, 2, 3, 5].map(rec).to_vec());
+    }
+
+    #[tokio::test]
+    async fn zero_filled_tail_is_cut() {
+        let tmp = TempDir::new("zeros");
+        {
+            let (spool, _) = Spool::open(tmp.path(), SpoolOptions::default()).await.unwrap();
+            for i in 0..3 {
+                spool.append(rec(i)).await.unwrap();
+            }
+        }
+        let seg = seg_files(tmp.path()).pop().unwrap();
+        let mut data = fs::read(&seg).unwrap();
+        data.extend_from_slice(&[0u8; 4096]);
+        fs::write(&seg, data).unwrap();
+        let (spool, report) = Spool::open(tmp.path(), SpoolOptions::default()).await.unwrap();
+        assert_eq!(report.records, 3);
+        assert_eq!(report.corrupt_records_skipped, 1);
+        assert_eq!(report.truncated_bytes, 4096);
+        assert_eq!(peek_all(&spool).await, (0..3).map(rec).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn full_when_over_max_bytes() {
+        let tmp = TempDir::new("full");
+        let one = frame_len(&rec(0));
+        let (spool, _) = Spool::open(tmp.path(), opts(3 * one + one / 2, 1 << 20)).await.unwrap();
+        for i in 0..3 {
+            spool.append(rec(i)).await.unwrap();
+        }
+        let seg = seg_files(tmp.path()).pop().unwrap();
+        let before = fs::metadata(&seg).unwrap().len();
+        assert!(matches!(spool.append(rec(3)).await, Err(SpoolError::Full)));
+        assert_eq!(fs::metadata(&seg).unwrap().len(), before, "Full wrote nothing");
+        assert_eq!(spool.depth().events, 3);
+        let items = spool.peek_batch(1).await.unwrap();
+        spool.remove_through(items[0].0).await.unwrap();
+        spool.append(rec(3)).await.unwrap();
+        assert!(matches!(spool.append(rec(4)).await, Err(SpoolError::Full)));
+        assert_eq!(peek_all(&spool).await, (1..4).map(rec).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn too_large_and_bad_options_are_rejected() {
+        let tmp = TempDir::new("opts");
+        assert!(matches!(
+            Spool::open(tmp.path(), opts(0, 1 << 20)).await,
+            Err(SpoolError::InvalidOptions(_))
+        ));
+        assert!(matches!(
+            Spool::open(tmp.path(), opts(1 << 20, 10)).await,
+            Err(SpoolError::InvalidOptions(_))
+        ));
+        let (spool, _) = Spool::open(tmp.path(), opts(u64::MAX, 1 << 20)).await.unwrap();
+        let mut big = rec(0);
+        big.envelope = Bytes::from(vec![b'x'; MAX_PAYLOAD_LEN]);
+        assert!(matches!(spool.append(big).await, Err(SpoolError::TooLarge { .. })));
+        // A record larger than segment_bytes gets a segment of its own.
+        let (spool, _) = {
+            drop(spool);
+            let tmp2 = TempDir::new("opts-big");
+            let r = Spool::open(tmp2.path(), opts(u64::MAX, 128)).await.unwrap();
+            let mut big = rec(1);
+            big.envelope = Bytes::from(vec![b'y'; 1000]);
+            r.0.append(rec(0)).await.unwrap();
+            r.0.append(big.clone()).await.unwrap();
+            r.0.append(rec(2)).await.unwrap();
+            assert_eq!(seg_files(tmp2.path()).len(), 3);
+            assert_eq!(peek_all(&r.0).await, vec![rec(0), big, rec(2)]);
+            r
+        };
+        drop(spool);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_appends_share_fsyncs() {
+        let tmp = TempDir::new("concurrent");
+        let (spool, _) = Spool::open(tmp.path(), opts(1 << 30, 64 << 10)).await.unwrap();
+        let mut tasks = Vec::new();
+        for t in 0..100 {
+            let spool = spool.clone();
+            tasks.push(tokio::spawn(async move {
+                for k in 0..10 {
+                    spool.append(rec(t * 10 + k)).await.unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let stats = spool.stats();
+        assert_eq!(stats.appends, 1000);
+        assert_eq!(spool.depth().events, 1000);
+        assert!(stats.commit_groups < 1000, "groups {} for 1000 appends", stats.commit_groups);
+        assert!(stats.fsyncs < 1000, "fsyncs {} for 1000 appends", stats.fsyncs);
+        let all = drain_all(&spool, 128).await;
+        assert_eq!(all.len(), 1000);
+        let ids: HashSet<_> = all.iter().map(|r| r.event_id.clone()).collect();
+        assert_eq!(ids.len(), 1000);
+        // Each task appended sequentially, so its records keep their order.
+        let mut last_k = vec![None; 100];
+        for r in &all {
+            let n: usize = r.event_id.trim_start_matches("evt-").parse().unwrap();
+            let (t, k) = (n / 10, n % 10);
+            assert!(last_k[t].is_none_or(|prev| prev < k));
+            last_k[t] = Some(k);
+        }
+        assert_eq!(spool.depth(), SpoolDepth::default());
+    }
+
+    #[tokio::test]
+    async fn removal_across_segments_deletes_old_segment_files() {
+        let tmp = TempDir::new("segments");
+        let (spool, _) = Spool::open(tmp.path(), opts(1 << 20, 256)).await.unwrap();
+        for i in 0..30 {
+            spool.append(rec(i)).await.unwrap();
+        }
+        let n_segs = seg_files(tmp.path()).len();
+        assert!(n_segs >= 6, "{n_segs} segments");
+        // Every segment holds at most 256 bytes unless it is a single record.
+        for p in seg_files(tmp.path()) {
+            assert!(fs::metadata(&p).unwrap().len() <= 256);
+        }
+        // Remove through a record in the third segment.
+        let items = spool.peek_batch(30).await.unwrap();
+        let third = seg_files(tmp.path())[2].clone();
+        let third_seq = parse_segment_name(third.file_name().unwrap().to_str().unwrap()).unwrap();
+        let (pos, _) = items.iter().find(|(p, _)| p.segment() == third_seq).unwrap();
+        spool.remove_through(*pos).await.unwrap();
+        let left = seg_files(tmp.path());
+        assert_eq!(left.len(), n_segs - 2);
+        assert_eq!(left[0], third);
+        // Drain the rest: only the active segment stays.
+        let rest = drain_all(&spool, 4).await;
+        assert_eq!(rest.len() as u64 + pos.index() + 1, 30);
+        // The last segment is the active one and stays; once the writer rolls
+        // past it, the next removal deletes it.
+        assert_eq!(seg_files(tmp.path()).len(), 1);
+        drop(spool);
+        let (spool, report) = Spool::open(tmp.path(), opts(1 << 20, 256)).await.unwrap();
+        assert_eq!(report.records, 0);
+        assert_eq!(report.segments, 1);
+        for i in 0..10 {
+            spool.append(rec(i)).await.unwrap();
+        }
+        assert_eq!(drain_all(&spool, 100).await, (0..10).map(rec).collect::<Vec<_>>());
+        assert_eq!(seg_files(tmp.path()).len(), 1);
+    }
+
+    fn copy_dir(from: &Path, to: &Path) {
+        fs::create_dir_all(to).unwrap();
+        for e in fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+
+    /// Takes a copy of the files while the spool is live (no close, no drop):
+    /// what a crash would leave behind, plus the leftovers of crashes at the
+    /// awkward moments (a stray cursor.tmp, a half-written frame, a consumed
+    /// segment that was not deleted yet).
+    #[tokio::test]
+    async fn crash_snapshot_reopen_loses_nothing() {
+        let tmp = TempDir::new("crash-live");
+        let copy = TempDir::new("crash-copy");
+        let (spool, _) = Spool::open(tmp.path(), opts(1 << 20, 512)).await.unwrap();
+        for i in 0..50 {
+            spool.append(rec(i)).await.unwrap();
+        }
+        let first_seg = seg_files(tmp.path())[0].clone();
+        let first_seg_data = fs::read(&first_seg).unwrap();
+        let items = spool.peek_batch(12).await.unwrap();
+        spool.remove_through(items[11].0).await.unwrap();
+        assert!(!first_seg.exists());
+        copy_dir(tmp.path(), copy.path());
+        // Crash leftovers.
+        fs::write(copy.path().join(CURSOR_TMP_FILE), b"half a cursor").unwrap();
+        fs::write(copy.path().join(first_seg.file_name().unwrap()), first_seg_data).unwrap();
+        let tail = seg_files(copy.path()).pop().unwrap();
+        let mut data = fs::read(&tail).unwrap();
+        let frame = rec(1000).encode_frame().unwrap();
+        data.extend_from_slice(&frame[..frame.len() / 2]);
+        fs::write(&tail, data).unwrap();
+
+        let (spool2, report) = Spool::open(copy.path(), opts(1 << 20, 512)).await.unwrap();
+        assert_eq!(report.records, 38);
+        assert_eq!(report.corrupt_records_skipped, 1);
+        assert!(!copy.path().join(CURSOR_TMP_FILE).exists());
+        assert!(!copy.path().join(first_seg.file_name().unwrap()).exists());
+        assert_eq!(drain_all(&spool2, 10).await, (12..50).map(rec).collect::<Vec<_>>());
+        // The live spool is untouched by all this.
+        assert_eq!(spool.depth().events, 38);
+    }
+
+    #[tokio::test]
+    async fn corrupt_record_in_sealed_segment_skips_to_next_segment_at_open() {
+        let tmp = TempDir::new("mid-open");
+        {
+            let (spool, _) = Spool::open(tmp.path(), opts(1 << 20, 512)).await.unwrap();
+            for i in 0..30 {
+                spool.append(rec(i)).await.unwrap();
+            }
+        }
+        let segs = seg_files(tmp.path());
+        assert!(segs.len() >= 3);
+        let in_first = (fs::metadata(&segs[0]).unwrap().len() - SEGMENT_HEADER_LEN) / frame_len(&rec(0));
+        assert!(in_first >= 3);
+        // Flip a payload byte of the second record of the first segment.
+        let one = frame_len(&rec(0));
+        flip_byte(&segs[0], SEGMENT_HEADER_LEN + one + FRAME_HEADER_LEN + 2);
+        let (spool, report) = Spool::open(tmp.path(), opts(1 << 20, 512)).await.unwrap();
+        assert_eq!(report.corrupt_records_skipped, 1);
+        assert_eq!(report.records, 30 - (in_first - 1));
+        let mut want = vec![rec(0)];
+        want.extend((in_first as usize..30).map(rec));
+        assert_eq!(drain_all(&spool, 3).await, want);
+        assert_eq!(seg_files(tmp.path()).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn corrupt_record_found_while_reading_is_skipped() {
+        let tmp = TempDir::new("mid-read");
+        let (spool, _) = Spool::open(tmp.path(), opts(1 << 20, 256)).await.unwrap();
+        for i in 0..20 {
+            spool.append(rec(i)).await.unwrap();
+        }
+        let segs = seg_files(tmp.path());
+        let one = frame_len(&rec(0));
+        let in_first = (fs::metadata(&segs[0]).unwrap().len() - SEGMENT_HEADER_LEN) / one;
+        // Corrupt the first record's payload while the spool is open.
+        flip_byte(&segs[0], SEGMENT_HEADER_LEN + FRAME_HEADER_LEN + 1);
+        let got = drain_all(&spool, 5).await;
+        assert_eq!(got, (in_first as usize..20).map(rec).collect::<Vec<_>>());
+        assert_eq!(spool.stats().corrupt_records_skipped, 1);
+        assert_eq!(spool.depth(), SpoolDepth::default());
+        // Corrupt the frame length of a record in a later, sealed segment.
+        for i in 20..40 {
+            spool.append(rec(i)).await.unwrap();
+        }
+        let segs = seg_files(tmp.path());
+        let victim = segs[segs.len() - 2].clone();
+        let head_items = spool.peek_batch(100).await.unwrap();
+        let victim_seq = parse_segment_name(victim.file_name().unwrap().to_str().unwrap()).unwrap();
+        let (before, _) = head_items.iter().rev().find(|(p, _)| p.segment() < victim_seq).unwrap();
+        spool.remove_through(*before).await.unwrap();
+        let mut data = fs::read(&victim).unwrap();
+        data[SEGMENT_HEADER_LEN as usize..SEGMENT_HEADER_LEN as usize + 4]
+            .copy_from_slice(&u32::MAX.to_le_bytes());
+        fs::write(&victim, data).unwrap();
+        let rest = drain_all(&spool, 5).await;
+        assert_eq!(spool.stats().corrupt_records_skipped, 2);
+        let last_seg_records = head_items.iter().filter(|(p, _)| p.segment() > victim_seq).count();
+        assert_eq!(rest.len(), last_seg_records);
+        assert_eq!(rest.last(), Some(&rec(39)));
+    }
+
+    #[tokio::test]
+    async fn undecodable_record_with_good_crc_is_skipped_alone() {
+        let tmp = TempDir::new("undecodable");
+        fs::create_dir_all(tmp.path()).unwrap();
+        let mut data = SEGMENT_MAGIC.to_vec();
+        data.extend(rec(0).encode_frame().unwrap());
+        let bad_payload = b"\x07not a record";
+        data.extend((bad_payload.len() as u32).to_le_bytes());
+        data.extend(crc32fast::hash(bad_payload).to_le_bytes());
+        data.extend(bad_payload);
+        data.extend(rec(2).encode_frame().unwrap());
+        fs::write(segment_path(tmp.path(), 1), data).unwrap();
+        let (spool, report) = Spool::open(tmp.path(), SpoolOptions::default()).await.unwrap();
+        assert_eq!(report.records, 3);
+        assert_eq!(report.corrupt_records_skipped, 0);
+        // The batch stops before the bad record; the next peek skips it.
+        assert_eq!(peek_all(&spool).await, vec![rec(0)]);
+        assert_eq!(drain_all(&spool, 10).await, vec![rec(0), rec(2)]);
+        assert_eq!(spool.stats().corrupt_records_skipped, 1);
+        assert_eq!(spool.depth(), SpoolDepth::default());
+    }
+
+    #[tokio::test]
+    async fn corrupt_cursor_replays_from_oldest_segment() {
+        let tmp = TempDir::new("cursor");
+        {
+            let (spool, _) = Spool::open(tmp.path(), SpoolOptions::default()).await.unwrap();
+            for i in 0..6 {
+                spool.append(rec(i)).await.unwrap();
+            }
+            let items = spool.peek_batch(2).await.unwrap();
+            spool.remove_through(items[1].0).await.unwrap();
+        }
+        flip_byte(&tmp.path().join(CURSOR_FILE), 10);
+        let (spool, report) = Spool::open(tmp.path(), SpoolOptions::default()).await.unwrap();
+        // Duplicates, never loss.
+        assert_eq!(report.records, 6);
+        assert_eq!(peek_all(&spool).await, (0..6).map(rec).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn torn_segment_header_and_foreign_segment_are_handled() {
+        let tmp = TempDir::new("header");
+        {
+            let (spool, _) = Spool::open(tmp.path(), SpoolOptions::default()).await.unwrap();
+            for i in 0..3 {
+                spool.append(rec(i)).await.unwrap();
+            }
+        }
+        // A crash right after creating segment 2: 3 bytes of its header.
+        fs::write(segment_path(tmp.path(), 2), &SEGMENT_MAGIC[..3]).unwrap();
+        let (spool, report) = Spool::open(tmp.path(), SpoolOptions::default()).await.unwrap();
+        assert_eq!(report.records, 3);
+        spool.append(rec(3)).await.unwrap();
+        drop(spool);
+        assert_eq!(fs::read(segment_path(tmp.path(), 2)).unwrap()[..8], SEGMENT_MAGIC);
+        // A file that is not a segment at all, in the middle.
+        fs::rename(segment_path(tmp.path(), 2), segment_path(tmp.path(), 3)).unwrap();
+        fs::write(segment_path(tmp.path(), 2), b"GARBAGE!garbage").unwrap();
+        let (spool, report) = Spool::open(tmp.path(), SpoolOptions::default()).await.unwrap();
+        assert_eq!(report.corrupt_records_skipped, 1);
+        assert_eq!(report.records, 4);
+        assert!(tmp.path().join(format!("{:020}{CORRUPT_SUFFIX}", 2)).exists());
+        spool.append(rec(4)).await.unwrap();
+        assert_eq!(drain_all(&spool, 2).await, (0..5).map(rec).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn wait_nonempty_wakes_on_append() {
+        let tmp = TempDir::new("wait");
+        let (spool, _) = Spool::open(tmp.path(), SpoolOptions::default()).await.unwrap();
+        let waiter = {
+            let spool = spool.clone();
+            tokio::spawn(async move { spool.wait_nonempty().await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished());
+        spool.append(rec(0)).await.unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter).await.unwrap().unwrap();
+        // Returns at once when something is pending.
+        spool.wait_nonempty().await;
+    }
+
+    #[tokio::test]
+    async fn close_rejects_appends_and_positions_of_other_instances() {
+        let tmp = TempDir::new("close");
+        let (spool, _) = Spool::open(tmp.path(), SpoolOptions::default()).await.unwrap();
+        spool.append(rec(0)).await.unwrap();
+        let items = spool.peek_batch(1).await.unwrap();
+        spool.close().await;
+        assert!(matches!(spool.append(rec(1)).await, Err(SpoolError::Closed)));
+        // Drain side keeps working after close.
+        assert_eq!(spool.peek_batch(5).await.unwrap(), items);
+        drop(spool);
+        let (spool, _) = Spool::open(tmp.path(), SpoolOptions::default()).await.unwrap();
+        assert!(matches!(spool.remove_through(items[0].0).await, Err(SpoolError::InvalidPosition)));
+        assert_eq!(spool.depth().events, 1);
+    }
+
+    const CRASH_DIR_ENV: &str = "HOOKRELAY_SPOOL_CRASH_DIR";
+
+    /// The child of `sigkill_child_loses_no_acked_record`: appends from 8
+    /// tasks and drains from another until it is killed, printing what is
+    /// durable ("ACK id") and what was removed ("DEL id").
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "run as a child process by sigkill_child_loses_no_acked_record"]
+    async fn crash_child_writer() {
+        let Some(dir) = std::env::var_os(CRASH_DIR_ENV) else {
+            return;
+        };
+        let (spool, _) = Spool::open(&dir, opts(1 << 30, 4096)).await.unwrap();
+        for t in 0..8 {
+            let spool = spool.clone();
+            tokio::spawn(async move {
+                for k in 0.. {
+                    let r = rec(t * 1_000_000 + k);
+                    let id = r.event_id.clone();
+                    spool.append(r).await.unwrap();
+                    println!("ACK {id}");
+                }
+            });
+        }
+        let drainer = spool.clone();
+        tokio::spawn(async move {
+            loop {
+                drainer.wait_nonempty().await;
+                let items = drainer.peek_batch(7).await.unwrap();
+                if let Some((last, _)) = items.last() {
+                    // Announced before the removal: a kill right after it
+                    // must not make these look lost.
+                    for (_, r) in &items {
+                        println!("DEL {}", r.event_id);
+                    }
+                    drainer.remove_through(*last).await.unwrap();
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+            }
+        });
+        // Safety net should the parent never kill us.
+        tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn sigkill_child_loses_no_acked_record() {
+        use std::io::BufRead;
+        use std::process::{Command, Stdio};
+        let tmp = TempDir::new("sigkill");
+        for round in 0..3 {
+            let mut child = Command::new(std::env::current_exe().unwrap())
+                .args(["crash_child_writer", "--ignored", "--nocapture", "--test-threads=1"])
+                .env(CRASH_DIR_ENV, tmp.path())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let stdout = child.stdout.take().unwrap();
+            let mut acked = HashSet::new();
+            let mut removed = HashSet::new();
+            let kill_after = 300 + round * 500;
+            for line in std::io::BufReader::new(stdout).lines() {
+                let line = line.unwrap();
+                if let Some(id) = line.strip_prefix("ACK ") {
+                    acked.insert(id.to_string());
+                } else if let Some(id) = line.strip_prefix("DEL ") {
+                    removed.insert(id.to_string());
+                }
+                if acked.len() >= kill_after {
+                    child.kill().unwrap();
+                    break;
+                }
+            }
+            child.wait().unwrap();
+            assert!(acked.len() >= kill_after, "child died early");
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let (spool, _) = Spool::open(tmp.path(), opts(1 << 30, 4096)).await.unwrap();
+                let found: HashSet<String> =
+                    drain_all(&spool, 1000).await.into_iter().map(|r| r.event_id).collect();
+                let lost: Vec<_> =
+                    acked.iter().filter(|id| !removed.contains(*id) && !found.contains(*id)).collect();
+                assert!(lost.is_empty(), "round {round}: lost {} acked records", lost.len());
+            });
+        }
+    }
 }
