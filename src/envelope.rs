@@ -1,0 +1,405 @@
+//! Wraps a verified delivery in a CloudEvents 1.0 structured-mode JSON envelope.
+//!
+//! Pure: the clock is an argument. The payload is embedded byte-for-byte as the last
+//! member (`"data":<raw body>}`), never re-serialised, so a consumer holding the secret
+//! can recompute the provider's signature from the envelope alone.
+
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
+use sha2::{Digest, Sha256};
+
+use crate::verify::Verified;
+
+/// Media type of a structured-mode CloudEvent.
+pub const CONTENT_TYPE: &str = "application/cloudevents+json";
+/// CloudEvents spec version written in every envelope.
+pub const SPEC_VERSION: &str = "1.0";
+/// Prefix of the CloudEvents `type` for Patreon triggers.
+pub const PATREON_TYPE_PREFIX: &str = "com.patreon.";
+
+/// Why a verified body could not be wrapped (400).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnvelopeError {
+    /// The body is not a JSON document (includes an empty body).
+    #[error("body is not valid JSON")]
+    InvalidJson,
+    /// The body nests arrays and objects deeper than [`MAX_JSON_DEPTH`]; no provider
+    /// sends that, and consumers' parsers could fail on it.
+    #[error("body nests JSON too deeply")]
+    TooDeep,
+}
+
+/// Deepest nesting of arrays and objects accepted in a payload.
+pub const MAX_JSON_DEPTH: usize = 128;
+
+/// Where an envelope goes and what it says about itself: the AMQP side copies these
+/// into message properties and headers so consumers can route without parsing.
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    /// Stable event id: the same trigger and body always give the same id.
+    pub id: String,
+    /// CloudEvents `source`, e.g. `/webhooks/patreon`.
+    pub source: String,
+    /// CloudEvents `type`, e.g. `com.patreon.members.pledge.create`.
+    pub ce_type: String,
+    /// Receive time, RFC 3339 in UTC with microseconds.
+    pub time: String,
+    /// Receive time as whole seconds since the Unix epoch (AMQP `timestamp`).
+    pub unix_seconds: u64,
+    /// `{data.type}/{data.id}` when the payload names both.
+    pub subject: Option<String>,
+    /// AMQP routing key: `{source name}.{trigger with : as .}`.
+    pub routing_key: String,
+    /// The whole structured CloudEvent as JSON.
+    pub body: Bytes,
+}
+
+/// Builds the envelope for a verified delivery to the source named `source_name`,
+/// whose CloudEvents `source` attribute is `ce_source`, received at `now`.
+pub fn build(
+    verified: &Verified<'_>,
+    source_name: &str,
+    ce_source: &str,
+    now: SystemTime,
+) -> Result<Envelope, EnvelopeError> {
+    let raw = verified.body();
+    let subject = parse_subject(raw)?;
+    let trigger = verified.trigger();
+    let dotted = trigger.dotted();
+    let id = event_id(trigger.as_str(), raw);
+    let ce_type = format!("{PATREON_TYPE_PREFIX}{dotted}");
+    let time = humantime::format_rfc3339_micros(now).to_string();
+    let unix_seconds = now.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+
+    let mut out = Vec::with_capacity(raw.len() + 256 + ce_source.len());
+    out.extend_from_slice(br#"{"specversion":"1.0","id":"#);
+    push_json_str(&mut out, &id);
+    out.extend_from_slice(br#","source":"#);
+    push_json_str(&mut out, ce_source);
+    out.extend_from_slice(br#","type":"#);
+    push_json_str(&mut out, &ce_type);
+    out.extend_from_slice(br#","time":"#);
+    push_json_str(&mut out, &time);
+    out.extend_from_slice(br#","datacontenttype":"application/json""#);
+    if let Some(subject) = &subject {
+        out.extend_from_slice(br#","subject":"#);
+        push_json_str(&mut out, subject);
+    }
+    out.extend_from_slice(br#","data":"#);
+    out.extend_from_slice(raw);
+    out.push(b'}');
+
+    Ok(Envelope {
+        id,
+        source: ce_source.to_owned(),
+        ce_type,
+        time,
+        unix_seconds,
+        subject,
+        routing_key: format!("{source_name}.{dotted}"),
+        body: Bytes::from(out),
+    })
+}
+
+/// A UUID (version 8, RFC 9562 custom) made from SHA-256 of the trigger, a zero
+/// byte and the raw body. Patreon sends no delivery id but retries failures with the
+/// same body, so a retry maps to the same id and consumers can drop it.
+pub fn event_id(trigger: &str, body: &[u8]) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(trigger.as_bytes());
+    hasher.update([0u8]);
+    hasher.update(body);
+    let digest = hasher.finalize();
+    let mut first = [0u8; 16];
+    first.copy_from_slice(&digest[..16]);
+    uuid::Uuid::new_v8(first).to_string()
+}
+
+/// Appends `s` as a JSON string literal. Serialising a `&str` cannot fail.
+fn push_json_str(out: &mut Vec<u8>, s: &str) {
+    if serde_json::to_writer(&mut *out, s).is_err() {
+        out.extend_from_slice(b"\"\"");
+    }
+}
+
+/// Validates the whole body as JSON and pulls out `data.type` and `data.id` in one
+/// pass, without building a tree of the payload.
+fn parse_subject(raw: &[u8]) -> Result<Option<String>, EnvelopeError> {
+    if too_deep(raw, MAX_JSON_DEPTH) {
+        return Err(EnvelopeError::TooDeep);
+    }
+    let top: TopLevel = serde_json::from_slice(raw).map_err(|_| EnvelopeError::InvalidJson)?;
+    Ok(match top.0 {
+        Some(DataRef { kind: Some(kind), id: Some(id) }) if !kind.is_empty() && !id.is_empty() => {
+            Some(format!("{kind}/{id}"))
+        }
+        _ => None,
+    })
+}
+
+/// Whether brackets outside strings nest deeper than `max`. One pass, no allocation;
+/// run before parsing so the parser never walks an absurd document.
+fn too_deep(raw: &[u8], max: usize) -> bool {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in raw {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
+/// The top-level document: only `data` is looked at; any other JSON value is fine.
+struct TopLevel(Option<DataRef>);
+
+/// `data.type` and `data.id` when they are a string (or, for the id, a number).
+#[derive(Default)]
+struct DataRef {
+    kind: Option<String>,
+    id: Option<String>,
+}
+
+impl<'de> de::Deserialize<'de> for TopLevel {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = TopLevel;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON document")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<TopLevel, A::Error> {
+                let mut data = None;
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    if key == "data" {
+                        data = Some(map.next_value::<DataRef>()?);
+                    } else {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+                Ok(TopLevel(data))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<TopLevel, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(TopLevel(None))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<TopLevel, E> {
+                Ok(TopLevel(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<TopLevel, E> {
+                Ok(TopLevel(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<TopLevel, E> {
+                Ok(TopLevel(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<TopLevel, E> {
+                Ok(TopLevel(None))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<TopLevel, E> {
+                Ok(TopLevel(None))
+            }
+            fn visit_unit<E>(self) -> Result<TopLevel, E> {
+                Ok(TopLevel(None))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> de::Deserialize<'de> for DataRef {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = DataRef;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<DataRef, A::Error> {
+                let mut out = DataRef::default();
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    match key.as_ref() {
+                        "type" => out.kind = map.next_value::<Scalar>()?.0,
+                        "id" => out.id = map.next_value::<Scalar>()?.0,
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(out)
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<DataRef, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(DataRef::default())
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<DataRef, E> {
+                Ok(DataRef::default())
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<DataRef, E> {
+                Ok(DataRef::default())
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<DataRef, E> {
+                Ok(DataRef::default())
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<DataRef, E> {
+                Ok(DataRef::default())
+            }
+            fn visit_str<E>(self, _: &str) -> Result<DataRef, E> {
+                Ok(DataRef::default())
+            }
+            fn visit_unit<E>(self) -> Result<DataRef, E> {
+                Ok(DataRef::default())
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A string or integer as text; anything else (null, objects…) as `None`.
+struct Scalar(Option<String>);
+
+impl<'de> de::Deserialize<'de> for Scalar {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Scalar;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Scalar, E> {
+                Ok(Scalar(Some(v.to_owned())))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Scalar, E> {
+                Ok(Scalar(Some(v.to_string())))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Scalar, E> {
+                Ok(Scalar(Some(v.to_string())))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Scalar, E> {
+                Ok(Scalar(None))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Scalar, E> {
+                Ok(Scalar(None))
+            }
+            fn visit_unit<E>(self) -> Result<Scalar, E> {
+                Ok(Scalar(None))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Scalar, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Scalar(None))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Scalar, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Scalar(None))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::verify::patreon::{PatreonVerifier, sign};
+
+    fn build_for(trigger: &str, body: &[u8]) -> Result<Envelope, EnvelopeError> {
+        let v = PatreonVerifier::new([&b"k"[..]]);
+        let sig = sign(b"k", body);
+        let verified = v.verify(Some(sig.as_bytes()), Some(trigger.as_bytes()), body).unwrap();
+        let now = SystemTime::UNIX_EPOCH + Duration::from_micros(1_764_374_400_123_456);
+        build(&verified, "patreon", "/webhooks/patreon", now)
+    }
+
+    #[test]
+    fn envelope_is_cloudevents_with_byte_exact_data() {
+        let body = br#"{"data":{"id":"42","type":"member","attributes":{"x":1.50}},"included":[]}"#;
+        let env = build_for("members:pledge:create", body).unwrap();
+        let value: serde_json::Value = serde_json::from_slice(&env.body).unwrap();
+        assert_eq!(value["specversion"], "1.0");
+        assert_eq!(value["type"], "com.patreon.members.pledge.create");
+        assert_eq!(value["source"], "/webhooks/patreon");
+        assert_eq!(value["subject"], "member/42");
+        assert_eq!(value["datacontenttype"], "application/json");
+        assert_eq!(value["time"], "2025-11-29T00:00:00.123456Z");
+        assert_eq!(value["id"], env.id.as_str());
+        assert_eq!(env.routing_key, "patreon.members.pledge.create");
+        assert_eq!(env.unix_seconds, 1_764_374_400);
+        let marker = b"\"data\":";
+        let at = env.body.windows(marker.len()).position(|w| w == marker).unwrap();
+        assert_eq!(&env.body[at + marker.len()..env.body.len() - 1], body);
+    }
+
+    #[test]
+    fn ids_are_stable_and_distinct() {
+        let a = build_for("members:create", b"{}").unwrap();
+        let b = build_for("members:create", b"{}").unwrap();
+        let c = build_for("members:update", b"{}").unwrap();
+        let d = build_for("members:create", b"{ }").unwrap();
+        assert_eq!(a.id, b.id);
+        assert_ne!(a.id, c.id);
+        assert_ne!(a.id, d.id);
+        let parsed = uuid::Uuid::parse_str(&a.id).unwrap();
+        assert_eq!(parsed.get_version_num(), 8);
+    }
+
+    #[test]
+    fn subject_rules() {
+        let cases: [(&[u8], Option<&str>); 8] = [
+            (br#"{"data":{"id":null,"type":"member"}}"#, None),
+            (br#"{"data":{"type":"member"}}"#, None),
+            (br#"{"data":{"id":"1"}}"#, None),
+            (br#"{"data":{"id":7,"type":"pledge"}}"#, Some("pledge/7")),
+            (br#"{"data":[1,2]}"#, None),
+            (br#"{"data":null}"#, None),
+            (br#"[{"data":{"id":"1","type":"x"}}]"#, None),
+            (br#"{"data":{"type":"post","id":"9","attributes":{"id":"no"}}}"#, Some("post/9")),
+        ];
+        for (body, want) in cases {
+            let env = build_for("posts:publish", body).unwrap();
+            assert_eq!(env.subject.as_deref(), want, "{}", String::from_utf8_lossy(body));
+        }
+    }
+
+    #[test]
+    fn non_json_is_refused() {
+        for body in [&b""[..], b"{", b"not json", b"{\"a\":1} x", b"\xff"] {
+            assert!(matches!(build_for("posts:publish", body), Err(EnvelopeError::InvalidJson)));
+        }
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert!(matches!(build_for("posts:publish", deep.as_bytes()), Err(EnvelopeError::TooDeep)));
+        let ok = format!("{}{}", "[".repeat(MAX_JSON_DEPTH), "]".repeat(MAX_JSON_DEPTH));
+        assert!(build_for("posts:publish", ok.as_bytes()).is_ok());
+        let in_string = format!("{{\"a\":\"{}\\\"\"}}", "[".repeat(1000));
+        assert!(build_for("posts:publish", in_string.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn whitespace_around_the_document_stays_valid_json() {
+        let env = build_for("posts:publish", b"\n {\"data\":{}}\n").unwrap();
+        let _: serde_json::Value = serde_json::from_slice(&env.body).unwrap();
+        assert!(env.body.ends_with(b"{\"data\":{}}\n}"));
+    }
+}

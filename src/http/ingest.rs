@@ -1,0 +1,216 @@
+//! `POST /webhooks/{source}`: limits → signature → event header → JSON → envelope →
+//! publish → answer. Nothing about an unauthenticated request is parsed beyond its
+//! headers, and the answer is 2xx only once the publisher says the event is durable.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{ALLOW, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use hyper::{Method, Request, Response, StatusCode};
+use tokio::time::Instant;
+use tracing::{Instrument, debug, field, info, info_span, warn};
+
+use super::HttpResponse;
+use crate::config::SourceConfig;
+use crate::envelope;
+use crate::metrics::{Metrics, UNKNOWN_SOURCE};
+use crate::publish::{Delivered, Outgoing, PublishError, Publisher};
+use crate::verify::patreon::{EVENT_HEADER, SIGNATURE_HEADER};
+use crate::verify::{TriggerError, VerifyError};
+
+/// Path prefix of the webhook route.
+pub const ROUTE_PREFIX: &str = "/webhooks/";
+
+/// What the ingest handler needs, shared by all connections.
+pub struct Ingest<P> {
+    sources: HashMap<String, SourceConfig>,
+    publisher: Arc<P>,
+    metrics: Metrics,
+    max_body_bytes: u64,
+    request_timeout: Duration,
+    retry_after: HeaderValue,
+}
+
+impl<P> std::fmt::Debug for Ingest<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ingest").field("sources", &self.sources.keys().collect::<Vec<_>>()).finish()
+    }
+}
+
+impl<P: Publisher> Ingest<P> {
+    /// Builds the handler state.
+    pub fn new(
+        sources: impl IntoIterator<Item = SourceConfig>,
+        publisher: Arc<P>,
+        metrics: Metrics,
+        max_body_bytes: u64,
+        request_timeout: Duration,
+        retry_after_secs: u64,
+    ) -> Self {
+        Ingest {
+            sources: sources.into_iter().map(|s| (s.name.clone(), s)).collect(),
+            publisher,
+            metrics,
+            max_body_bytes,
+            request_timeout,
+            retry_after: HeaderValue::from(retry_after_secs),
+        }
+    }
+
+    /// Handles one request; never fails, never panics on input.
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> HttpResponse {
+        let started = Instant::now();
+        let _inflight = self.metrics.inflight();
+        let source = self.source_for(req.uri().path());
+        let span = info_span!(
+            "webhook",
+            source = source.map_or(UNKNOWN_SOURCE, |s| s.name.as_str()),
+            trigger = field::Empty,
+            event_id = field::Empty,
+        );
+        let response = self.route(req, source).instrument(span.clone()).await;
+        let status = response.status().as_u16();
+        self.metrics.request_finished(status, started.elapsed());
+        span.in_scope(|| debug!(status, elapsed_us = started.elapsed().as_micros() as u64, "Answered."));
+        response
+    }
+
+    fn source_for(&self, path: &str) -> Option<&SourceConfig> {
+        let name = path.strip_prefix(ROUTE_PREFIX)?;
+        self.sources.get(name)
+    }
+
+    async fn route(&self, req: Request<Incoming>, source: Option<&SourceConfig>) -> HttpResponse {
+        let Some(source) = source else {
+            let reason =
+                if req.uri().path().starts_with(ROUTE_PREFIX) { "unknown_source" } else { "not_found" };
+            self.metrics.rejected(UNKNOWN_SOURCE, reason);
+            return error(StatusCode::NOT_FOUND, "not found");
+        };
+        if req.method() != Method::POST {
+            self.metrics.rejected(&source.name, "method_not_allowed");
+            let mut resp = error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+            resp.headers_mut().insert(ALLOW, HeaderValue::from_static("POST"));
+            return resp;
+        }
+        self.metrics.webhook_received(&source.name);
+        self.receive(req, source).await
+    }
+
+    async fn receive(&self, req: Request<Incoming>, source: &SourceConfig) -> HttpResponse {
+        let name = source.name.as_str();
+        let declared = req
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > self.max_body_bytes) {
+            self.metrics.rejected(name, "body_too_large");
+            return too_large();
+        }
+        let (parts, body) = req.into_parts();
+        let limit = usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX);
+        let collected = tokio::time::timeout(self.request_timeout, Limited::new(body, limit).collect()).await;
+        let body: Bytes = match collected {
+            Err(_) => {
+                self.metrics.rejected(name, "timeout");
+                let mut resp = error(StatusCode::REQUEST_TIMEOUT, "request body not received in time");
+                resp.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+                return resp;
+            }
+            Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+                self.metrics.rejected(name, "body_too_large");
+                return too_large();
+            }
+            Ok(Err(e)) => {
+                // The client went away or sent a broken body; it will not read this answer.
+                debug!(error = %e, "Reading the body failed.");
+                self.metrics.rejected(name, "body_unreadable");
+                return error(StatusCode::BAD_REQUEST, "request body could not be read");
+            }
+            Ok(Ok(collected)) => collected.to_bytes(),
+        };
+
+        let signature = parts.headers.get(SIGNATURE_HEADER).map(HeaderValue::as_bytes);
+        let event = parts.headers.get(EVENT_HEADER).map(HeaderValue::as_bytes);
+        let verified = match source.verifier.verify(signature, event, &body) {
+            Ok(v) => v,
+            Err(VerifyError::Signature(e)) => {
+                self.metrics.signature_failed(name, e.label());
+                info!(reason = e.label(), "Signature refused.");
+                return error(StatusCode::UNAUTHORIZED, "invalid signature");
+            }
+            Err(VerifyError::Trigger(e)) => {
+                self.metrics.rejected(name, "bad_event_header");
+                let text = match e {
+                    TriggerError::Missing => "missing X-Patreon-Event header",
+                    TriggerError::Malformed => "malformed X-Patreon-Event header",
+                };
+                return error(StatusCode::BAD_REQUEST, text);
+            }
+        };
+        let span = tracing::Span::current();
+        span.record("trigger", verified.trigger().as_str());
+
+        let envelope = match envelope::build(&verified, name, &source.cloudevents_source, SystemTime::now()) {
+            Ok(e) => e,
+            Err(e) => {
+                self.metrics.rejected(name, "invalid_json");
+                return error(StatusCode::BAD_REQUEST, &e.to_string());
+            }
+        };
+        span.record("event_id", envelope.id.as_str());
+        let event_label = verified.trigger().label();
+
+        let outgoing = Outgoing { source: name, event_label, envelope: &envelope };
+        match self.publisher.publish(outgoing).await {
+            Ok(delivered) => {
+                if delivered == Delivered::Confirmed {
+                    self.metrics.published(name, event_label);
+                }
+                debug!(?delivered, "Event is durable.");
+                accepted(&envelope.id)
+            }
+            Err(e) => {
+                self.metrics.publish_failed(name, e.label());
+                warn!(reason = e.label(), "Event not durable; asking the sender to retry.");
+                self.unavailable(e)
+            }
+        }
+    }
+
+    fn unavailable(&self, e: PublishError) -> HttpResponse {
+        let mut resp = error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
+        resp.headers_mut().insert(RETRY_AFTER, self.retry_after.clone());
+        resp
+    }
+}
+
+fn json_response(status: StatusCode, body: Vec<u8>) -> HttpResponse {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+/// `{"error": text}` with `status`.
+pub fn error(status: StatusCode, text: &str) -> HttpResponse {
+    let body = serde_json::json!({ "error": text }).to_string().into_bytes();
+    json_response(status, body)
+}
+
+fn accepted(id: &str) -> HttpResponse {
+    let body = serde_json::json!({ "id": id }).to_string().into_bytes();
+    json_response(StatusCode::OK, body)
+}
+
+fn too_large() -> HttpResponse {
+    let mut resp = error(StatusCode::PAYLOAD_TOO_LARGE, "body too large");
+    // The rest of the body is not read; the connection cannot be reused.
+    resp.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+    resp
+}

@@ -1,0 +1,369 @@
+//! The one place that owns the Prometheus registry. Call sites use intent-named
+//! methods (`signature_failed(source, reason)`) and stay one line long.
+//!
+//! Label values only ever come from bounded sets: configured source names (or
+//! `_unknown`), known trigger names (or `other`), and the fixed reason lists below.
+
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+
+use crate::verify::KnownTrigger;
+
+/// Source label for requests that named no configured source.
+pub const UNKNOWN_SOURCE: &str = "_unknown";
+
+/// Reasons a request is refused before or after verification (not signatures).
+pub const REJECT_REASONS: [&str; 10] = [
+    "unknown_source",
+    "method_not_allowed",
+    "not_found",
+    "body_too_large",
+    "bad_event_header",
+    "invalid_json",
+    "timeout",
+    "rate_limited",
+    "ip_denied",
+    "body_unreadable",
+];
+
+/// Reasons a signature fails.
+pub const SIGNATURE_REASONS: [&str; 3] = ["missing", "malformed", "mismatch"];
+
+/// Reasons a publish attempt fails.
+pub const PUBLISH_FAILURE_REASONS: [&str; 5] =
+    ["nack", "unroutable", "timeout", "unavailable", "channel_error"];
+
+/// Reasons an event is dead-lettered by the relay.
+pub const DEAD_LETTER_REASONS: [&str; 2] = ["nacked", "unroutable"];
+
+/// HTTP statuses the ingest listener answers with (the `status` label).
+pub const STATUSES: [u16; 11] = [200, 400, 401, 403, 404, 405, 408, 413, 429, 500, 503];
+
+/// All relay metrics.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    received: IntCounterVec,
+    signature_failures: IntCounterVec,
+    rejected: IntCounterVec,
+    published: IntCounterVec,
+    publish_failures: IntCounterVec,
+    publish_retries: IntCounterVec,
+    dead_lettered: IntCounterVec,
+    unrouted: IntCounterVec,
+    confirm_duration: HistogramVec,
+    request_duration: HistogramVec,
+    broker_connected: IntGauge,
+    broker_blocked: IntGauge,
+    spool_events: IntGauge,
+    spool_bytes: IntGauge,
+    spooled: IntCounterVec,
+    spool_drained: IntCounter,
+    spool_corrupt: IntCounter,
+    inflight: IntGauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+fn counter(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntCounterVec> {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+    registry.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> prometheus::Result<IntGauge> {
+    let g = IntGauge::new(name, help)?;
+    registry.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+/// Latency buckets from 100 µs to 10 s.
+const LATENCY_BUCKETS: [f64; 16] =
+    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+impl Metrics {
+    /// Creates the registry with every series of every configured source at zero, so
+    /// dashboards and alerts see them before the first event.
+    pub fn new<'a>(sources: impl IntoIterator<Item = &'a str>) -> prometheus::Result<Self> {
+        let registry = Registry::new();
+        let m = Metrics {
+            received: counter(
+                &registry,
+                "hookrelay_webhooks_received_total",
+                "Webhook requests received, by source.",
+                &["source"],
+            )?,
+            signature_failures: counter(
+                &registry,
+                "hookrelay_signature_failures_total",
+                "Requests refused with 401, by source and reason (missing, malformed, mismatch).",
+                &["source", "reason"],
+            )?,
+            rejected: counter(
+                &registry,
+                "hookrelay_webhooks_rejected_total",
+                "Requests refused for reasons other than the signature, by source and reason.",
+                &["source", "reason"],
+            )?,
+            published: counter(
+                &registry,
+                "hookrelay_events_published_total",
+                "Events the broker confirmed, by source and event (known trigger or other).",
+                &["source", "event"],
+            )?,
+            publish_failures: counter(
+                &registry,
+                "hookrelay_publish_failures_total",
+                "Events that could not be confirmed in time, by source and reason of the last attempt.",
+                &["source", "reason"],
+            )?,
+            publish_retries: counter(
+                &registry,
+                "hookrelay_publish_retries_total",
+                "Publish attempts after the first, by source and reason of the failed attempt.",
+                &["source", "reason"],
+            )?,
+            dead_lettered: counter(
+                &registry,
+                "hookrelay_dead_lettered_total",
+                "Events the relay published to the dead-letter exchange, by source and reason.",
+                &["source", "reason"],
+            )?,
+            unrouted: counter(
+                &registry,
+                "hookrelay_unrouted_total",
+                "Events the broker returned as unroutable (the alternate exchange was missing), by source.",
+                &["source"],
+            )?,
+            confirm_duration: {
+                let h = HistogramVec::new(
+                    HistogramOpts::new(
+                        "hookrelay_confirm_duration_seconds",
+                        "Time from publish to broker confirm, by source.",
+                    )
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                    &["source"],
+                )?;
+                registry.register(Box::new(h.clone()))?;
+                h
+            },
+            request_duration: {
+                let h = HistogramVec::new(
+                    HistogramOpts::new(
+                        "hookrelay_request_duration_seconds",
+                        "Time from request head to answer on the ingest listener, by status.",
+                    )
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                    &["status"],
+                )?;
+                registry.register(Box::new(h.clone()))?;
+                h
+            },
+            broker_connected: gauge(
+                &registry,
+                "hookrelay_broker_connected",
+                "1 while the relay holds an open broker connection with its channels, else 0.",
+            )?,
+            broker_blocked: gauge(
+                &registry,
+                "hookrelay_broker_blocked",
+                "1 while the broker has blocked the connection (memory or disk alarm), else 0.",
+            )?,
+            spool_events: gauge(&registry, "hookrelay_spool_events", "Events waiting in the local spool.")?,
+            spool_bytes: gauge(
+                &registry,
+                "hookrelay_spool_bytes",
+                "Bytes of events waiting in the local spool.",
+            )?,
+            spooled: counter(
+                &registry,
+                "hookrelay_spooled_total",
+                "Events written to the local spool, by source.",
+                &["source"],
+            )?,
+            spool_drained: {
+                let c = IntCounter::new(
+                    "hookrelay_spool_drained_total",
+                    "Spooled events published and confirmed by the drainer.",
+                )?;
+                registry.register(Box::new(c.clone()))?;
+                c
+            },
+            spool_corrupt: {
+                let c = IntCounter::new(
+                    "hookrelay_spool_corrupt_records_total",
+                    "Torn or corrupt spool records skipped on recovery.",
+                )?;
+                registry.register(Box::new(c.clone()))?;
+                c
+            },
+            inflight: gauge(&registry, "hookrelay_inflight_requests", "Ingest requests being handled.")?,
+            registry,
+        };
+        #[cfg(target_os = "linux")]
+        m.registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+
+        for source in sources.into_iter().chain([UNKNOWN_SOURCE]) {
+            m.received.with_label_values(&[source]);
+            for reason in REJECT_REASONS {
+                m.rejected.with_label_values(&[source, reason]);
+            }
+            if source == UNKNOWN_SOURCE {
+                continue;
+            }
+            for reason in SIGNATURE_REASONS {
+                m.signature_failures.with_label_values(&[source, reason]);
+            }
+            for trigger in KnownTrigger::ALL {
+                m.published.with_label_values(&[source, trigger.as_str()]);
+            }
+            m.published.with_label_values(&[source, "other"]);
+            for reason in PUBLISH_FAILURE_REASONS {
+                m.publish_failures.with_label_values(&[source, reason]);
+                m.publish_retries.with_label_values(&[source, reason]);
+            }
+            for reason in DEAD_LETTER_REASONS {
+                m.dead_lettered.with_label_values(&[source, reason]);
+            }
+            m.unrouted.with_label_values(&[source]);
+            m.spooled.with_label_values(&[source]);
+            m.confirm_duration.with_label_values(&[source]);
+        }
+        for status in STATUSES {
+            m.request_duration.with_label_values(&[status_label(status)]);
+        }
+        Ok(m)
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        // Encoding into a Vec only fails on a broken metric family, which we never build.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+
+    /// A webhook request for a configured source arrived.
+    pub fn webhook_received(&self, source: &str) {
+        self.received.with_label_values(&[source]).inc();
+    }
+
+    /// A signature check failed.
+    pub fn signature_failed(&self, source: &str, reason: &'static str) {
+        self.signature_failures.with_label_values(&[source, reason]).inc();
+    }
+
+    /// A request was refused for a reason in [`REJECT_REASONS`].
+    pub fn rejected(&self, source: &str, reason: &'static str) {
+        self.rejected.with_label_values(&[source, reason]).inc();
+    }
+
+    /// The broker confirmed an event.
+    pub fn published(&self, source: &str, event: &'static str) {
+        self.published.with_label_values(&[source, event]).inc();
+    }
+
+    /// An event could not be confirmed within its deadline.
+    pub fn publish_failed(&self, source: &str, reason: &'static str) {
+        self.publish_failures.with_label_values(&[source, reason]).inc();
+    }
+
+    /// A publish attempt failed and another follows.
+    pub fn publish_retried(&self, source: &str, reason: &'static str) {
+        self.publish_retries.with_label_values(&[source, reason]).inc();
+    }
+
+    /// An event went to the dead-letter exchange.
+    pub fn dead_lettered(&self, source: &str, reason: &'static str) {
+        self.dead_lettered.with_label_values(&[source, reason]).inc();
+    }
+
+    /// The broker returned an event as unroutable.
+    pub fn unrouted(&self, source: &str) {
+        self.unrouted.with_label_values(&[source]).inc();
+    }
+
+    /// Time from publish to confirm.
+    pub fn confirm_latency(&self, source: &str, elapsed: Duration) {
+        self.confirm_duration.with_label_values(&[source]).observe(elapsed.as_secs_f64());
+    }
+
+    /// An ingest request was answered.
+    pub fn request_finished(&self, status: u16, elapsed: Duration) {
+        self.request_duration.with_label_values(&[status_label(status)]).observe(elapsed.as_secs_f64());
+    }
+
+    /// The broker connection came up or went down.
+    pub fn broker_connected(&self, up: bool) {
+        self.broker_connected.set(i64::from(up));
+    }
+
+    /// The broker blocked or unblocked the connection.
+    pub fn broker_blocked(&self, blocked: bool) {
+        self.broker_blocked.set(i64::from(blocked));
+    }
+
+    /// Current spool depth.
+    pub fn spool_depth(&self, events: u64, bytes: u64) {
+        self.spool_events.set(i64::try_from(events).unwrap_or(i64::MAX));
+        self.spool_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    /// An event was written to the spool.
+    pub fn spooled(&self, source: &str) {
+        self.spooled.with_label_values(&[source]).inc();
+    }
+
+    /// A spooled event was published and removed.
+    pub fn spool_drained(&self) {
+        self.spool_drained.inc();
+    }
+
+    /// Corrupt spool records were skipped.
+    pub fn spool_corrupt(&self, count: u64) {
+        self.spool_corrupt.inc_by(count);
+    }
+
+    /// The in-flight request gauge; hold the guard while a request is handled.
+    pub fn inflight(&self) -> InflightGuard {
+        self.inflight.inc();
+        InflightGuard(self.inflight.clone())
+    }
+}
+
+/// Decrements the in-flight gauge when dropped.
+pub struct InflightGuard(IntGauge);
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+fn status_label(status: u16) -> &'static str {
+    match status {
+        200 => "200",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        405 => "405",
+        408 => "408",
+        413 => "413",
+        429 => "429",
+        503 => "503",
+        _ => "500",
+    }
+}

@@ -1,0 +1,83 @@
+//! Getting an envelope durable: the [`Publisher`] trait the HTTP layer sees, and its
+//! implementations. `amqp` talks to RabbitMQ; `topology` describes what it declares.
+//!
+//! The HTTP layer knows only this trait and its result types; no broker client type
+//! crosses this boundary.
+
+pub mod amqp;
+pub mod topology;
+
+use std::future::Future;
+
+use crate::envelope::Envelope;
+
+/// How an event became durable. Every variant means the sender may get 2xx.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivered {
+    /// The broker confirmed it on the main exchange.
+    Confirmed,
+    /// The broker refused it on the main exchange but confirmed a copy on the
+    /// dead-letter exchange.
+    DeadLettered,
+    /// The broker could not confirm in time; it is fsync'd in the local spool.
+    Spooled,
+}
+
+/// Why an event is not durable. Every variant answers 503 with `Retry-After`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    /// The broker nacked the message.
+    #[error("broker refused the event")]
+    Nacked,
+    /// The broker returned the message as unroutable.
+    #[error("event was unroutable")]
+    Unroutable,
+    /// No confirm arrived within the publish deadline.
+    #[error("broker did not confirm in time")]
+    Timeout,
+    /// There is no broker connection.
+    #[error("broker unavailable")]
+    Unavailable,
+    /// The channel failed under the publish.
+    #[error("broker channel failed")]
+    ChannelError,
+    /// The spool is full or could not be written.
+    #[error("spool unavailable")]
+    SpoolUnavailable,
+}
+
+impl PublishError {
+    /// Bounded metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            PublishError::Nacked => "nack",
+            PublishError::Unroutable => "unroutable",
+            PublishError::Timeout => "timeout",
+            PublishError::Unavailable => "unavailable",
+            PublishError::ChannelError => "channel_error",
+            PublishError::SpoolUnavailable => "spool_unavailable",
+        }
+    }
+}
+
+/// What an event is published as: the envelope plus the bounded labels that its
+/// metrics use.
+#[derive(Debug, Clone)]
+pub struct Outgoing<'a> {
+    /// Configured source name (a bounded label).
+    pub source: &'a str,
+    /// Known trigger or `other` (a bounded label).
+    pub event_label: &'static str,
+    /// The envelope to publish.
+    pub envelope: &'a Envelope,
+}
+
+/// Makes envelopes durable. Implementations answer only once the event is durable,
+/// or with the reason it is not.
+pub trait Publisher: Send + Sync + 'static {
+    /// Publishes one event; resolves when it is durable or has failed.
+    fn publish(&self, event: Outgoing<'_>) -> impl Future<Output = Result<Delivered, PublishError>> + Send;
+
+    /// Whether a publish can currently succeed (drives `/readyz`).
+    fn is_ready(&self) -> bool;
+}
