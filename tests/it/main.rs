@@ -1,0 +1,9 @@
+//! Integration tests: the relay over real sockets against the real RabbitMQ.
+//! Each test starts its own relay with a unique exchange, so they run in parallel.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+mod relay;
+mod statuses;
