@@ -38,13 +38,16 @@ async fn pitfall_fixtures_get_their_expected_status() {
     relay.stop_and_cleanup().await;
 }
 
+/// What is sent, with which headers and body, and the status and metric expected.
+type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, Vec<u8>, u16, &'a str, &'a str);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_get_their_status_and_metric() {
     let relay = Relay::start().await;
     let body = br#"{"data":{"id":"1","type":"member"}}"#.to_vec();
     let sig = hookrelay::verify::patreon::sign(V2_SECRET.as_bytes(), &body);
     let ev = ("X-Patreon-Event", "members:create");
-    let cases: Vec<(&str, Vec<(&str, &str)>, Vec<u8>, u16, &str, &str)> = vec![
+    let cases: Vec<Case> = vec![
         ("no signature", vec![ev], body.clone(), 401, "hookrelay_signature_failures_total", "missing"),
         (
             "short signature",
