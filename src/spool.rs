@@ -73,13 +73,15 @@
 //! - the record payload (see [`SpoolRecord::encode_payload`]):
 //!   `[u8 version = 1][u16 LE len][source][u16 LE len][routing_key]`
 //!   `[u16 LE len][event_id][u32 LE len][envelope]`, strings UTF-8.
-//! - `cursor`: 28 bytes `[b"HRSPCUR1"][u64 LE segment][u64 LE offset][u32 LE
-//!   crc32 of the first 24 bytes]`: everything before (segment, offset) has
-//!   been removed. Written as `cursor.tmp`, fsync, rename, fsync of the
-//!   directory. Segments below the cursor's segment are deleted after the cursor
-//!   is durable (and again at open if a crash came in between). No cursor means
-//!   "start of the oldest segment"; an unreadable cursor is treated the same way
-//!   (duplicates, never loss).
+//! - `cursor` (1024 bytes): two slots at offsets 0 and 512, each
+//!   `[b"HRSPCUR2"][u64 LE generation][u64 LE segment][u64 LE offset][u32 LE
+//!   crc32 of the previous 32 bytes]`: everything before (segment, offset) has
+//!   been removed. Each advance writes the older slot in place with the next
+//!   generation and `fdatasync`s it (one sync, no metadata change); the valid
+//!   slot with the highest generation wins, so a torn write falls back to the
+//!   previous cursor. Segments below the cursor's segment are deleted after the
+//!   cursor is durable (and again at open if a crash came in between). No valid
+//!   slot means "start of the oldest segment" (duplicates, never loss).
 //!
 //! # Recovery
 //!
@@ -114,10 +116,13 @@ const SEGMENT_HEADER_LEN: u64 = 8;
 const FRAME_HEADER_LEN: u64 = 8;
 /// Largest payload a record may have (and the sanity bound when reading).
 pub const MAX_PAYLOAD_LEN: usize = 64 << 20;
-const CURSOR_MAGIC: [u8; 8] = *b"HRSPCUR1";
-const CURSOR_LEN: usize = 28;
+const CURSOR_MAGIC: [u8; 8] = *b"HRSPCUR2";
+/// One cursor slot: magic, generation, segment, offset, crc32.
+const CURSOR_SLOT_LEN: usize = 36;
+/// The two slots live in different 512-byte sectors.
+const CURSOR_SLOT_STRIDE: u64 = 512;
+const CURSOR_FILE_LEN: u64 = 2 * CURSOR_SLOT_STRIDE;
 const CURSOR_FILE: &str = "cursor";
-const CURSOR_TMP_FILE: &str = "cursor.tmp";
 const SEGMENT_SUFFIX: &str = ".seg";
 const CORRUPT_SUFFIX: &str = ".seg.corrupt";
 const RECORD_VERSION: u8 = 1;
@@ -438,9 +443,11 @@ impl State {
     }
 }
 
-#[derive(Default)]
 struct DrainState {
+    /// The segment file last read from, kept open.
     file: Option<(u64, File)>,
+    /// `None` only while a cursor write is in flight (or after it panicked).
+    cursor: Option<CursorFile>,
 }
 
 enum Command {
@@ -483,7 +490,7 @@ impl Spool {
         let rec_dir = dir.clone();
         let recovered =
             tokio::task::spawn_blocking(move || recover(&rec_dir)).await.map_err(join_error)??;
-        let Recovered { state, active, next_seq, report } = recovered;
+        let Recovered { state, active, next_seq, cursor, report } = recovered;
         let core = Arc::new(Core {
             state: Mutex::new(state),
             nonempty: Notify::new(),
@@ -511,7 +518,7 @@ impl Spool {
                 core,
                 tx,
                 closed: AtomicBool::new(false),
-                drain: tokio::sync::Mutex::new(DrainState::default()),
+                drain: tokio::sync::Mutex::new(DrainState { file: None, cursor: Some(cursor) }),
             }),
         };
         Ok((spool, report))
@@ -673,17 +680,29 @@ impl Spool {
         }
         let dir = self.inner.dir.clone();
         let del = doomed.clone();
-        let fsyncs = tokio::task::spawn_blocking(move || -> io::Result<u64> {
-            let n = write_cursor(&dir, target.seg, target.off)?;
+        let cursor = drain.cursor.take();
+        let (cursor, res) = tokio::task::spawn_blocking(move || {
+            let mut cursor = match cursor {
+                Some(c) => c,
+                None => match CursorFile::open(&dir) {
+                    Ok((c, _)) => c,
+                    Err(e) => return (None, Err(e)),
+                },
+            };
+            if let Err(e) = cursor.write(target.seg, target.off) {
+                return (Some(cursor), Err(e));
+            }
             for seq in del {
                 remove_consumed_segment(&dir, seq);
             }
-            Ok(n)
+            (Some(cursor), Ok(()))
         })
         .await
-        .map_err(join_error)??;
+        .map_err(join_error)?;
+        drain.cursor = cursor;
+        res?;
         let core = &self.inner.core;
-        core.fsyncs.fetch_add(fsyncs, Ordering::Relaxed);
+        core.fsyncs.fetch_add(1, Ordering::Relaxed);
         core.cursor_writes.fetch_add(1, Ordering::Relaxed);
         let mut s = core.lock();
         if target.index >= s.head.index {
@@ -740,45 +759,82 @@ fn sync_dir(_dir: &Path) -> io::Result<u64> {
     Ok(0)
 }
 
-/// Writes the cursor durably; returns the number of fsyncs made.
-fn write_cursor(dir: &Path, seg: u64, off: u64) -> io::Result<u64> {
-    let mut buf = [0u8; CURSOR_LEN];
-    buf[0..8].copy_from_slice(&CURSOR_MAGIC);
-    buf[8..16].copy_from_slice(&seg.to_le_bytes());
-    buf[16..24].copy_from_slice(&off.to_le_bytes());
-    let crc = crc32fast::hash(&buf[0..24]);
-    buf[24..28].copy_from_slice(&crc.to_le_bytes());
-    let tmp = dir.join(CURSOR_TMP_FILE);
-    let mut f = File::create(&tmp)?;
-    f.write_all(&buf)?;
-    f.sync_all()?;
-    drop(f);
-    fs::rename(&tmp, dir.join(CURSOR_FILE))?;
-    Ok(1 + sync_dir(dir)?)
+/// The durable drain cursor: two slots written alternately in place, each
+/// `[b"HRSPCUR2"][u64 LE generation][u64 LE segment][u64 LE offset][u32 LE
+/// crc32 of the previous 32 bytes]`, at offsets 0 and 512. The valid slot with
+/// the highest generation wins, so a torn slot write falls back to the
+/// previous cursor (duplicates, never loss). One `fdatasync` per write, no
+/// metadata change.
+struct CursorFile {
+    file: File,
+    generation: u64,
 }
 
-/// Reads the cursor; `None` if absent or unreadable.
-fn read_cursor(dir: &Path) -> io::Result<Option<(u64, u64)>> {
-    let buf = match fs::read(dir.join(CURSOR_FILE)) {
-        Ok(b) => b,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    let ok = buf.len() == CURSOR_LEN
-        && buf[0..8] == CURSOR_MAGIC
-        && u32::from_le_bytes([buf[24], buf[25], buf[26], buf[27]]) == crc32fast::hash(&buf[0..24]);
-    if !ok {
-        tracing::warn!(
-            dir = %dir.display(),
-            "spool: cursor file is corrupt; replaying from the oldest segment (duplicates possible)"
-        );
-        return Ok(None);
+impl CursorFile {
+    /// Opens (creating if needed) the cursor file; returns the cursor it
+    /// holds, `None` if new or unreadable.
+    fn open(dir: &Path) -> io::Result<(CursorFile, Option<(u64, u64)>)> {
+        let path = dir.join(CURSOR_FILE);
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)?;
+        let len = file.metadata()?.len();
+        if len < CURSOR_FILE_LEN {
+            file.set_len(CURSOR_FILE_LEN)?;
+            file.sync_all()?;
+            sync_dir(dir)?;
+        }
+        let mut best: Option<(u64, u64, u64)> = None;
+        for slot in 0..2u64 {
+            let mut buf = [0u8; CURSOR_SLOT_LEN];
+            (&file).seek(SeekFrom::Start(slot * CURSOR_SLOT_STRIDE))?;
+            (&file).read_exact(&mut buf)?;
+            if let Some((generation, seg, off)) = decode_cursor_slot(&buf)
+                && best.is_none_or(|b| generation > b.0)
+            {
+                best = Some((generation, seg, off));
+            }
+        }
+        if best.is_none() && len > 0 {
+            tracing::warn!(
+                dir = %dir.display(),
+                "spool: cursor file is corrupt; replaying from the oldest segment (duplicates possible)"
+            );
+        }
+        let generation = best.map_or(0, |b| b.0);
+        Ok((CursorFile { file, generation }, best.map(|b| (b.1, b.2))))
     }
-    let mut seg = [0u8; 8];
-    seg.copy_from_slice(&buf[8..16]);
-    let mut off = [0u8; 8];
-    off.copy_from_slice(&buf[16..24]);
-    Ok(Some((u64::from_le_bytes(seg), u64::from_le_bytes(off))))
+
+    /// Writes the cursor durably into the older slot.
+    fn write(&mut self, seg: u64, off: u64) -> io::Result<()> {
+        let generation = self.generation + 1;
+        let mut buf = [0u8; CURSOR_SLOT_LEN];
+        buf[0..8].copy_from_slice(&CURSOR_MAGIC);
+        buf[8..16].copy_from_slice(&generation.to_le_bytes());
+        buf[16..24].copy_from_slice(&seg.to_le_bytes());
+        buf[24..32].copy_from_slice(&off.to_le_bytes());
+        let crc = crc32fast::hash(&buf[0..32]);
+        buf[32..36].copy_from_slice(&crc.to_le_bytes());
+        (&self.file).seek(SeekFrom::Start((generation % 2) * CURSOR_SLOT_STRIDE))?;
+        (&self.file).write_all(&buf)?;
+        self.file.sync_data()?;
+        self.generation = generation;
+        Ok(())
+    }
+}
+
+fn decode_cursor_slot(buf: &[u8; CURSOR_SLOT_LEN]) -> Option<(u64, u64, u64)> {
+    if buf[0..8] != CURSOR_MAGIC {
+        return None;
+    }
+    let crc = u32::from_le_bytes([buf[32], buf[33], buf[34], buf[35]]);
+    if crc != crc32fast::hash(&buf[0..32]) {
+        return None;
+    }
+    let u64_at = |i: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&buf[i..i + 8]);
+        u64::from_le_bytes(b)
+    };
+    Some((u64_at(8), u64_at(16), u64_at(24)))
 }
 
 /// Why a frame is not valid.
@@ -891,6 +947,7 @@ struct Recovered {
     state: State,
     active: Active,
     next_seq: u64,
+    cursor: CursorFile,
     report: OpenReport,
 }
 
@@ -939,12 +996,7 @@ fn remove_consumed_segment(dir: &Path, seq: u64) {
 /// Scans the directory and repairs it; see the module docs.
 fn recover(dir: &Path) -> io::Result<Recovered> {
     fs::create_dir_all(dir)?;
-    match fs::remove_file(dir.join(CURSOR_TMP_FILE)) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let cursor = read_cursor(dir)?;
+    let (mut cursor_file, cursor) = CursorFile::open(dir)?;
     let (mut seqs, max_corrupt) = list_segments(dir)?;
     let mut report = OpenReport::default();
     let mut next_seq = seqs.last().copied().unwrap_or(0).max(max_corrupt).max(cursor.map_or(0, |c| c.0)) + 1;
@@ -1103,7 +1155,7 @@ fn recover(dir: &Path) -> io::Result<Recovered> {
         cursor_dirty = true;
     }
     if cursor_dirty || cursor.is_some_and(|c| c != (head.seg, head.off)) {
-        write_cursor(dir, head.seg, head.off)?;
+        cursor_file.write(head.seg, head.off)?;
     }
     let doomed: Vec<u64> = segments.range(..head.seg).map(|(k, _)| *k).collect();
     for seq in doomed {
@@ -1126,7 +1178,7 @@ fn recover(dir: &Path) -> io::Result<Recovered> {
             "spool: recovered with corrupt data skipped"
         );
     }
-    Ok(Recovered { state, active, next_seq, report })
+    Ok(Recovered { state, active, next_seq, cursor: cursor_file, report })
 }
 
 /// The segment the writer appends to.
@@ -1775,7 +1827,7 @@ mod tests {
 
     /// Takes a copy of the files while the spool is live (no close, no drop):
     /// what a crash would leave behind, plus the leftovers of crashes at the
-    /// awkward moments (a stray cursor.tmp, a half-written frame, a consumed
+    /// awkward moments (a torn cursor slot, a half-written frame, a consumed
     /// segment that was not deleted yet).
     #[tokio::test]
     async fn crash_snapshot_reopen_loses_nothing() {
@@ -1792,7 +1844,6 @@ mod tests {
         assert!(!first_seg.exists());
         copy_dir(tmp.path(), copy.path());
         // Crash leftovers.
-        fs::write(copy.path().join(CURSOR_TMP_FILE), b"half a cursor").unwrap();
         fs::write(copy.path().join(first_seg.file_name().unwrap()), first_seg_data).unwrap();
         let tail = seg_files(copy.path()).pop().unwrap();
         let mut data = fs::read(&tail).unwrap();
@@ -1803,7 +1854,6 @@ mod tests {
         let (spool2, report) = Spool::open(copy.path(), opts(1 << 20, 512)).await.unwrap();
         assert_eq!(report.records, 38);
         assert_eq!(report.corrupt_records_skipped, 1);
-        assert!(!copy.path().join(CURSOR_TMP_FILE).exists());
         assert!(!copy.path().join(first_seg.file_name().unwrap()).exists());
         assert_eq!(drain_all(&spool2, 10).await, (12..50).map(rec).collect::<Vec<_>>());
         // The live spool is untouched by all this.
@@ -1895,21 +1945,39 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn corrupt_cursor_replays_from_oldest_segment() {
+    async fn torn_cursor_slot_falls_back_then_replays_from_oldest() {
         let tmp = TempDir::new("cursor");
         {
             let (spool, _) = Spool::open(tmp.path(), SpoolOptions::default()).await.unwrap();
             for i in 0..6 {
                 spool.append(rec(i)).await.unwrap();
             }
-            let items = spool.peek_batch(2).await.unwrap();
+            let items = spool.peek_batch(4).await.unwrap();
+            // Generation 1 goes to slot 1, generation 2 to slot 0.
             spool.remove_through(items[1].0).await.unwrap();
+            spool.remove_through(items[3].0).await.unwrap();
         }
-        flip_byte(&tmp.path().join(CURSOR_FILE), 10);
+        let cursor = tmp.path().join(CURSOR_FILE);
+        assert_eq!(fs::metadata(&cursor).unwrap().len(), CURSOR_FILE_LEN);
+        {
+            let (spool, report) = Spool::open(tmp.path(), SpoolOptions::default()).await.unwrap();
+            assert_eq!(report.records, 2);
+            drop(spool);
+        }
+        // Tear the newest slot: the previous cursor is used (duplicates).
+        flip_byte(&cursor, 20);
+        {
+            let (spool, report) = Spool::open(tmp.path(), SpoolOptions::default()).await.unwrap();
+            assert_eq!(report.records, 4);
+            assert_eq!(peek_all(&spool).await, (2..6).map(rec).collect::<Vec<_>>());
+        }
+        // Both slots unreadable: replay from the oldest segment.
+        flip_byte(&cursor, 20);
+        flip_byte(&cursor, CURSOR_SLOT_STRIDE + 20);
+        flip_byte(&cursor, 20);
         let (spool, report) = Spool::open(tmp.path(), SpoolOptions::default()).await.unwrap();
-        // Duplicates, never loss.
         assert_eq!(report.records, 6);
-        assert_eq!(peek_all(&spool).await, (0..6).map(rec).collect::<Vec<_>>());
+        assert_eq!(drain_all(&spool, 4).await, (0..6).map(rec).collect::<Vec<_>>());
     }
 
     #[tokio::test]
