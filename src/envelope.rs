@@ -103,6 +103,39 @@ pub fn build(
     })
 }
 
+/// The attributes of an envelope this module wrote; other members (`data`) are
+/// skipped by the parser without being copied.
+#[derive(serde::Deserialize)]
+struct Head {
+    id: String,
+    source: String,
+    #[serde(rename = "type")]
+    ce_type: String,
+    time: String,
+    #[serde(default)]
+    subject: Option<String>,
+}
+
+/// Reads back an envelope this module built (e.g. from the spool), so it can be
+/// published with the same properties. `data` is skipped, not copied.
+pub fn parse(body: Bytes, routing_key: String) -> Result<Envelope, EnvelopeError> {
+    let head: Head = serde_json::from_slice(&body).map_err(|_| EnvelopeError::InvalidJson)?;
+    let unix_seconds = humantime::parse_rfc3339(&head.time)
+        .ok()
+        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs());
+    Ok(Envelope {
+        id: head.id,
+        source: head.source,
+        ce_type: head.ce_type,
+        time: head.time,
+        unix_seconds,
+        subject: head.subject,
+        routing_key,
+        body,
+    })
+}
+
 /// A UUID (version 8, RFC 9562 custom) made from SHA-256 of the trigger, a zero
 /// byte and the raw body. Patreon sends no delivery id but retries failures with the
 /// same body, so a retry maps to the same id and consumers can drop it.
@@ -350,6 +383,20 @@ mod tests {
         let marker = b"\"data\":";
         let at = env.body.windows(marker.len()).position(|w| w == marker).unwrap();
         assert_eq!(&env.body[at + marker.len()..env.body.len() - 1], body);
+    }
+
+    #[test]
+    fn a_built_envelope_parses_back() {
+        let body = br#"{"data":{"id":"42","type":"member"}}"#;
+        let env = build_for("members:pledge:create", body).unwrap();
+        let back = parse(env.body.clone(), env.routing_key.clone()).unwrap();
+        assert_eq!(back.id, env.id);
+        assert_eq!(back.source, env.source);
+        assert_eq!(back.ce_type, env.ce_type);
+        assert_eq!(back.time, env.time);
+        assert_eq!(back.unix_seconds, env.unix_seconds);
+        assert_eq!(back.subject, env.subject);
+        assert!(parse(Bytes::from_static(b"{}"), String::new()).is_err());
     }
 
     #[test]

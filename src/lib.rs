@@ -9,6 +9,7 @@ pub mod envelope;
 pub mod http;
 pub mod metrics;
 pub mod publish;
+pub mod spool;
 pub mod telemetry;
 pub mod verify;
 
@@ -28,12 +29,49 @@ use crate::http::{ServeOptions, serve};
 use crate::metrics::Metrics;
 use crate::publish::Publisher;
 use crate::publish::amqp::AmqpPublisher;
+use crate::publish::durable::DurablePublisher;
 use crate::publish::topology::{Topology, topology};
+use crate::spool::{Spool, SpoolOptions};
 
-impl Readiness for AmqpPublisher {
+impl Readiness for DurablePublisher {
     fn ready(&self) -> bool {
         Publisher::is_ready(self)
     }
+}
+
+/// Opens the spool directory, taking an exclusive lock on it so that two relays
+/// never share one spool. The returned file holds the lock while it lives.
+pub async fn open_spool(
+    config: &Config,
+    metrics: &Metrics,
+) -> anyhow::Result<Option<(Spool, std::fs::File)>> {
+    let Some(sc) = &config.spool else { return Ok(None) };
+    std::fs::create_dir_all(&sc.dir)
+        .with_context(|| format!("cannot create spool.dir {}", sc.dir.display()))?;
+    let lock_path = sc.dir.join("lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("cannot open {}", lock_path.display()))?;
+    lock.try_lock().map_err(|_| {
+        anyhow::anyhow!("spool.dir {} is in use by another hookrelay process", sc.dir.display())
+    })?;
+    let opts = SpoolOptions { max_bytes: sc.max_bytes, ..SpoolOptions::default() };
+    let (spool, report) = Spool::open(&sc.dir, opts)
+        .await
+        .with_context(|| format!("cannot open the spool in {}", sc.dir.display()))?;
+    if report.corrupt_records_skipped > 0 {
+        warn!(
+            skipped = report.corrupt_records_skipped,
+            truncated_bytes = report.truncated_bytes,
+            "Skipped torn or corrupt spool records."
+        );
+        metrics.spool_corrupt(report.corrupt_records_skipped);
+    }
+    info!(dir = %sc.dir.display(), events = report.records, bytes = report.bytes, "Spool opened.");
+    Ok(Some((spool, lock)))
 }
 
 /// The broker topology this configuration declares.
@@ -66,9 +104,30 @@ pub async fn run(
     }
     let metrics = Metrics::new(config.sources.iter().map(|s| s.name.as_str())).context("metrics registry")?;
     let (stop_broker, broker_stop_rx) = watch::channel(false);
+    // Drainer and retry routers stop before the connection they publish on closes.
+    let (stop_background, background_stop_rx) = watch::channel(false);
     let (publisher, supervisor) =
         AmqpPublisher::start(config.amqp.clone(), topology_for(&config), metrics.clone(), broker_stop_rx);
-    let publisher = Arc::new(publisher);
+    let spool = open_spool(&config, &metrics).await?;
+    let spool_max_bytes = config.spool.as_ref().map_or(0, |s| s.max_bytes);
+    let (spool, _spool_lock) = match spool {
+        Some((spool, lock)) => (Some(spool), Some(lock)),
+        None => (None, None),
+    };
+    let mut routers = Vec::new();
+    if config.amqp.declare_topology && !config.amqp.retry_delays.is_empty() {
+        for source in &config.sources {
+            routers.push(tokio::spawn(publish::retry::run(
+                publisher.clone(),
+                source.name.clone(),
+                config.amqp.retry_delays.clone(),
+                config.amqp.delivery_limit,
+                background_stop_rx.clone(),
+            )));
+        }
+    }
+    let publisher = Arc::new(DurablePublisher::new(publisher, spool, spool_max_bytes, metrics.clone()));
+    let drainer = publisher.start_drainer(background_stop_rx.clone());
     let draining = Arc::new(AtomicBool::new(false));
 
     let admin = Arc::new(Admin::new(metrics.clone(), publisher.clone(), draining.clone()));
@@ -110,6 +169,16 @@ pub async fn run(
     })
     .await;
 
+    // In-flight requests are done: stop the background publishers, flush the spool,
+    // then close the broker connection.
+    let _ = stop_background.send(true);
+    if let Some(drainer) = drainer {
+        let _ = drainer.await;
+    }
+    for router in routers {
+        let _ = router.await;
+    }
+    publisher.close().await;
     let _ = stop_broker.send(true);
     if let Err(error) = supervisor.await {
         warn!(%error, "Broker supervisor ended abnormally.");

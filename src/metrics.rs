@@ -326,9 +326,9 @@ impl Metrics {
         self.spooled.with_label_values(&[source]).inc();
     }
 
-    /// A spooled event was published and removed.
-    pub fn spool_drained(&self) {
-        self.spool_drained.inc();
+    /// Spooled events were published and removed.
+    pub fn spool_drained(&self, count: u64) {
+        self.spool_drained.inc_by(count);
     }
 
     /// Corrupt spool records were skipped.

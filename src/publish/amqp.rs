@@ -317,6 +317,44 @@ impl AmqpPublisher {
     pub fn exchange(&self) -> &str {
         &self.inner.cfg.exchange
     }
+
+    /// Publishes envelopes in order on one channel, pipelined, and returns how many
+    /// from the start of `batch` were confirmed (the rest are to be tried again).
+    /// Used by the spool drainer, which must keep the spool's order.
+    pub async fn publish_in_order(&self, batch: &[&Envelope], deadline: Instant) -> usize {
+        let Ok(ch) = self.channel(deadline).await else {
+            return 0;
+        };
+        let options = BasicPublishOptions { mandatory: true, immediate: false };
+        let mut pending = Vec::with_capacity(batch.len());
+        for env in batch {
+            let publish = ch.basic_publish(
+                self.inner.cfg.exchange.as_str().into(),
+                env.routing_key.as_str().into(),
+                options,
+                &env.body,
+                properties(env),
+            );
+            match timeout_at(deadline, publish).await {
+                Ok(Ok(confirm)) => pending.push(confirm),
+                _ => break,
+            }
+        }
+        let mut confirmed = 0;
+        for (env, confirm) in batch.iter().zip(pending) {
+            match timeout_at(deadline, confirm).await {
+                Ok(Ok(Confirmation::Ack(None))) => confirmed += 1,
+                Ok(Ok(Confirmation::Ack(Some(returned))))
+                    if returned.delivery.properties.message_id().as_ref().map(ShortString::as_str)
+                        != Some(env.id.as_str()) =>
+                {
+                    confirmed += 1
+                }
+                _ => break,
+            }
+        }
+        confirmed
+    }
 }
 
 impl Publisher for AmqpPublisher {

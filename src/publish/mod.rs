@@ -5,6 +5,8 @@
 //! crosses this boundary.
 
 pub mod amqp;
+pub mod durable;
+pub mod retry;
 pub mod topology;
 
 use std::future::Future;

@@ -62,6 +62,31 @@ pub fn source_queue(exchange: &str, source: &str) -> String {
     format!("{exchange}.{source}")
 }
 
+/// The direct exchange of the consumer retry path: `{exchange}.retry`.
+pub fn retry_exchange(exchange: &str) -> String {
+    format!("{exchange}.retry")
+}
+
+/// Where a source queue dead-letters what consumers reject: `{exchange}.{source}.rejected`.
+pub fn rejected_queue(exchange: &str, source: &str) -> String {
+    format!("{exchange}.{source}.rejected")
+}
+
+/// A delay queue of the retry path: `{exchange}.{source}.delay.{ms}`.
+pub fn delay_queue(exchange: &str, source: &str, delay_ms: u128) -> String {
+    format!("{exchange}.{source}.delay.{delay_ms}")
+}
+
+/// Where messages rejected too often end: `{exchange}.{source}.parked`.
+pub fn parked_queue(exchange: &str, source: &str) -> String {
+    format!("{exchange}.{source}.parked")
+}
+
+/// Routing key on the retry exchange that leads back into the source queue only.
+pub fn return_key(exchange: &str, source: &str) -> String {
+    format!("{exchange}.{source}.return")
+}
+
 fn quorum() -> (&'static str, Arg) {
     ("x-queue-type", Arg::Str("quorum".into()))
 }

@@ -338,5 +338,5 @@ async fn graceful_shutdown_lets_an_in_flight_request_finish() {
     let conn = broker().await;
     let got = take_messages(&conn, &relay.queue("patreon"), 1, Duration::from_secs(5)).await;
     assert_eq!(got.len(), 1);
-    cleanup(&relay.exchange, &["patreon"]).await;
+    cleanup(&relay.toml).await;
 }

@@ -160,6 +160,8 @@ pub struct Relay {
     pub ingest: SocketAddr,
     pub admin: SocketAddr,
     pub exchange: String,
+    /// The configuration the relay runs with (for cleanup).
+    pub toml: String,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -212,7 +214,8 @@ impl Relay {
         let task = tokio::spawn(hookrelay::run(config, ingest_l, admin_l, async move {
             let _ = rx.await;
         }));
-        let relay = Relay { ingest, admin, exchange, shutdown: Some(tx), task: Some(task) };
+        let relay =
+            Relay { ingest, admin, exchange, toml: toml.to_owned(), shutdown: Some(tx), task: Some(task) };
         if wait_ready {
             // Fail with the broker's own message if it is not there at all.
             drop(broker().await);
@@ -272,29 +275,23 @@ impl Relay {
     /// Stops the relay and deletes everything its topology declared.
     pub async fn stop_and_cleanup(mut self) {
         self.stop().await;
-        cleanup(&self.exchange, &["patreon"]).await;
+        cleanup(&self.toml).await;
     }
 }
 
-/// Deletes the queues and exchanges of a test exchange's topology.
-pub async fn cleanup(exchange: &str, sources: &[&str]) {
+/// Deletes every queue and exchange the topology of configuration `toml` declares.
+pub async fn cleanup(toml: &str) {
+    let config = hookrelay::config::load(Some(toml), &HashMap::new()).unwrap().validate().unwrap();
+    let topology = hookrelay::topology_for(&config);
     let conn = broker().await;
-    let ch = conn.create_channel().await.unwrap();
-    let mut queues: Vec<String> = sources.iter().map(|s| format!("{exchange}.{s}")).collect();
-    for s in sources {
-        for suffix in ["parked", "retry", "rejected"] {
-            queues.push(format!("{exchange}.{s}.{suffix}"));
-        }
-    }
-    queues.push(format!("{exchange}.unrouted"));
-    queues.push(format!("{exchange}.dead"));
-    for q in &queues {
-        // A queue that was never declared closes the channel on some brokers; use a fresh one.
+    for q in &topology.queues {
+        // Deleting a queue that is gone closes the channel: use one per object.
         let ch = conn.create_channel().await.unwrap();
-        let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+        let _ = ch.queue_delete(q.name.as_str().into(), QueueDeleteOptions::default()).await;
     }
-    for e in [exchange.to_owned(), format!("{exchange}.unrouted"), format!("{exchange}.dead")] {
-        let _ = ch.exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default()).await;
+    for e in &topology.exchanges {
+        let ch = conn.create_channel().await.unwrap();
+        let _ = ch.exchange_delete(e.name.as_str().into(), ExchangeDeleteOptions::default()).await;
     }
     let _ = conn.close(200, "cleanup".into()).await;
 }
