@@ -9,6 +9,7 @@ pub mod envelope;
 pub mod http;
 pub mod metrics;
 pub mod publish;
+pub mod replay;
 pub mod spool;
 pub mod telemetry;
 pub mod verify;

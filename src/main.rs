@@ -25,6 +25,29 @@ enum Command {
     Run,
     /// Validate the configuration and exit.
     CheckConfig,
+    /// Move messages from a dead-letter or parking queue back to the exchange.
+    Replay {
+        /// Queue to take messages from, e.g. hookrelay.dead or hookrelay.patreon.parked.
+        #[arg(long)]
+        queue: String,
+        /// Move at most this many messages.
+        #[arg(long)]
+        limit: Option<u64>,
+        /// List what would be moved; leave the queue as it is.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Print the broker topology as RabbitMQ definitions JSON.
+    Topology {
+        #[command(subcommand)]
+        action: TopologyAction,
+    },
+    /// Exit 0 if the admin endpoint answers 200 (for container health checks).
+    Healthcheck {
+        /// URL to probe.
+        #[arg(long, default_value = "http://127.0.0.1:9090/healthz")]
+        url: String,
+    },
     /// Print the headers a Patreon delivery of the body on stdin would carry.
     Sign {
         /// File holding the webhook secret.
@@ -33,6 +56,16 @@ enum Command {
         /// Trigger to put in X-Patreon-Event.
         #[arg(long, default_value = "members:pledge:create")]
         event: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum TopologyAction {
+    /// Print definitions JSON for `rabbitmqctl import_definitions` or `load_definitions`.
+    Export {
+        /// Virtual host the definitions are for.
+        #[arg(long, default_value = "/")]
+        vhost: String,
     },
 }
 
@@ -73,6 +106,31 @@ fn real_main() -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Replay { queue, limit, dry_run } => {
+            let config = config::load_from(cli.config.as_deref(), &env)?.validate()?;
+            let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+            let url = secrecy::ExposeSecret::expose_secret(&config.amqp.url).to_owned();
+            let report = runtime.block_on(hookrelay::replay::replay(
+                &url,
+                &config.amqp.exchange,
+                &queue,
+                limit,
+                dry_run,
+                |line| println!("{} {} ({})", line.event_id, line.routing_key, line.reason),
+            ))?;
+            let verb = if dry_run { "would move" } else { "moved" };
+            eprintln!("{verb} {} message(s) from {queue} to {}", report.moved, config.amqp.exchange);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Topology { action: TopologyAction::Export { vhost } } => {
+            let config = config::load_from(cli.config.as_deref(), &env)?.validate()?;
+            let defs = hookrelay::topology_for(&config).to_definitions(&vhost);
+            println!("{}", serde_json::to_string_pretty(&defs).context("encoding definitions")?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Healthcheck { url } => {
+            Ok(if healthcheck(&url) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
         Command::Sign { secret_file, event } => {
             let secret = std::fs::read_to_string(&secret_file)
                 .with_context(|| format!("cannot read {}", secret_file.display()))?;
@@ -84,4 +142,23 @@ fn real_main() -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// A minimal HTTP/1.1 GET over a plain socket: true on a 200 answer within 2 s.
+fn healthcheck(url: &str) -> bool {
+    use std::io::Write;
+    use std::net::{TcpStream, ToSocketAddrs};
+    use std::time::Duration;
+    let Some(rest) = url.strip_prefix("http://") else { return false };
+    let (authority, path) =
+        rest.split_once('/').map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")));
+    let Some(addr) = authority.to_socket_addrs().ok().and_then(|mut a| a.next()) else { return false };
+    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else { return false };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
+    if stream.write_all(request.as_bytes()).is_err() {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.1 200")
 }

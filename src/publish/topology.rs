@@ -109,14 +109,55 @@ pub fn topology<'a>(cfg: &AmqpConfig, sources: impl IntoIterator<Item = &'a str>
         t.queues.push(QueueDef { name: dlx.clone(), arguments: vec![quorum()] });
         t.bindings.push(BindingDef { exchange: dlx.clone(), queue: dlx.clone(), routing_key: "#".into() });
     }
-    for source in sources {
-        let queue = source_queue(&cfg.exchange, source);
-        t.queues.push(QueueDef { name: queue.clone(), arguments: vec![quorum()] });
+    let x = cfg.exchange.as_str();
+    let retry = retry_exchange(x);
+    let mut sources = sources.into_iter().peekable();
+    if sources.peek().is_some() {
+        t.exchanges.push(ExchangeDef { name: retry.clone(), kind: "direct", arguments: Vec::new() });
+    }
+    let bind = |t: &mut Topology, queue: &str, key: &str| {
         t.bindings.push(BindingDef {
-            exchange: cfg.exchange.clone(),
-            queue,
+            exchange: retry.clone(),
+            queue: queue.to_owned(),
+            routing_key: key.to_owned(),
+        });
+    };
+    // Quorum queues dead-letter at least once only with reject-publish overflow.
+    let dead_letter_to = |key: String| {
+        vec![
+            quorum(),
+            ("x-dead-letter-exchange", Arg::Str(retry.clone())),
+            ("x-dead-letter-routing-key", Arg::Str(key)),
+            ("x-dead-letter-strategy", Arg::Str("at-least-once".into())),
+            ("x-overflow", Arg::Str("reject-publish".into())),
+        ]
+    };
+    for source in sources {
+        let queue = source_queue(x, source);
+        let parked = parked_queue(x, source);
+        let first_stop = if cfg.retry_delays.is_empty() { parked.clone() } else { rejected_queue(x, source) };
+        let mut args = dead_letter_to(first_stop.clone());
+        args.push(("x-delivery-limit", Arg::Int(i64::from(cfg.delivery_limit))));
+        t.queues.push(QueueDef { name: queue.clone(), arguments: args });
+        t.bindings.push(BindingDef {
+            exchange: x.to_owned(),
+            queue: queue.clone(),
             routing_key: format!("{source}.#"),
         });
+        bind(&mut t, &queue, &return_key(x, source));
+        if !cfg.retry_delays.is_empty() {
+            t.queues.push(QueueDef { name: first_stop.clone(), arguments: vec![quorum()] });
+            bind(&mut t, &first_stop, &first_stop);
+        }
+        for delay in &cfg.retry_delays {
+            let name = delay_queue(x, source, delay.as_millis());
+            let mut args = dead_letter_to(return_key(x, source));
+            args.push(("x-message-ttl", Arg::Int(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX))));
+            t.queues.push(QueueDef { name: name.clone(), arguments: args });
+            bind(&mut t, &name, &name);
+        }
+        t.queues.push(QueueDef { name: parked.clone(), arguments: vec![quorum()] });
+        bind(&mut t, &parked, &parked);
     }
     t
 }
@@ -162,5 +203,63 @@ impl Topology {
             })
             .collect();
         json!({"exchanges": exchanges, "queues": queues, "bindings": bindings})
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn cfg(extra: &str) -> AmqpConfig {
+        let text =
+            format!("[amqp]\nexchange = \"x\"\n{extra}\n[sources.s]\nkind = \"patreon\"\nsecrets = \"k\"\n");
+        crate::config::load(Some(&text), &HashMap::new()).unwrap().validate().unwrap().amqp
+    }
+
+    fn queue<'a>(t: &'a Topology, name: &str) -> &'a QueueDef {
+        t.queues.iter().find(|q| q.name == name).unwrap_or_else(|| panic!("no queue {name}"))
+    }
+
+    fn arg<'a>(q: &'a QueueDef, key: &str) -> Option<&'a Arg> {
+        q.arguments.iter().find(|(k, _)| *k == key).map(|(_, v)| v)
+    }
+
+    #[test]
+    fn source_queue_dead_letters_into_the_retry_path() {
+        let t = topology(&cfg("retry_delays_ms = [1000, 2000]\ndelivery_limit = 4"), ["s"]);
+        let main = t.exchanges.iter().find(|e| e.name == "x").unwrap();
+        assert_eq!(main.arguments, vec![("alternate-exchange", Arg::Str("x.unrouted".into()))]);
+        let q = queue(&t, "x.s");
+        assert_eq!(arg(q, "x-queue-type"), Some(&Arg::Str("quorum".into())));
+        assert_eq!(arg(q, "x-dead-letter-exchange"), Some(&Arg::Str("x.retry".into())));
+        assert_eq!(arg(q, "x-dead-letter-routing-key"), Some(&Arg::Str("x.s.rejected".into())));
+        assert_eq!(arg(q, "x-dead-letter-strategy"), Some(&Arg::Str("at-least-once".into())));
+        assert_eq!(arg(q, "x-overflow"), Some(&Arg::Str("reject-publish".into())));
+        assert_eq!(arg(q, "x-delivery-limit"), Some(&Arg::Int(4)));
+        let d = queue(&t, "x.s.delay.2000");
+        assert_eq!(arg(d, "x-message-ttl"), Some(&Arg::Int(2000)));
+        assert_eq!(arg(d, "x-dead-letter-routing-key"), Some(&Arg::Str("x.s.return".into())));
+        queue(&t, "x.s.parked");
+        queue(&t, "x.dead");
+        let back =
+            BindingDef { exchange: "x.retry".into(), queue: "x.s".into(), routing_key: "x.s.return".into() };
+        assert!(t.bindings.contains(&back));
+    }
+
+    #[test]
+    fn without_delays_rejections_go_straight_to_parking() {
+        let t = topology(
+            &cfg("retry_delays_ms = []\nunrouted_exchange = \"\"\ndead_letter_exchange = \"\""),
+            ["s"],
+        );
+        let q = queue(&t, "x.s");
+        assert_eq!(arg(q, "x-dead-letter-routing-key"), Some(&Arg::Str("x.s.parked".into())));
+        assert!(
+            t.queues.iter().all(|q| q.name != "x.s.rejected" && q.name != "x.dead" && q.name != "x.unrouted")
+        );
+        let defs = t.to_definitions("/");
+        assert_eq!(defs["queues"].as_array().unwrap().len(), t.queues.len());
     }
 }

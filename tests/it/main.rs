@@ -5,5 +5,8 @@
 
 mod support;
 
+mod faults;
+mod proxy;
+
 mod relay;
 mod statuses;

@@ -147,11 +147,21 @@ pub struct RelayOptions {
     pub amqp_url: Option<String>,
     /// Wait for `/readyz` before returning.
     pub wait_ready: bool,
+    /// Extra lines for the `[amqp]` table.
+    pub amqp_extra: String,
+    /// Spool directory; `None` disables the spool.
+    pub spool_dir: Option<PathBuf>,
 }
 
 impl Default for RelayOptions {
     fn default() -> Self {
-        RelayOptions { extra_toml: String::new(), amqp_url: None, wait_ready: true }
+        RelayOptions {
+            extra_toml: String::new(),
+            amqp_url: None,
+            wait_ready: true,
+            amqp_extra: String::new(),
+            spool_dir: None,
+        }
     }
 }
 
@@ -168,6 +178,21 @@ pub struct Relay {
 
 /// The TOML of a test relay with a unique exchange.
 pub fn relay_toml(exchange: &str, url: &str, extra: &str) -> String {
+    relay_toml_with(exchange, url, "", None, extra)
+}
+
+/// The TOML of a test relay, with lines for `[amqp]` and an optional spool directory.
+pub fn relay_toml_with(
+    exchange: &str,
+    url: &str,
+    amqp_extra: &str,
+    spool: Option<&std::path::Path>,
+    extra: &str,
+) -> String {
+    let spool = match spool {
+        Some(dir) => format!("enabled = true\ndir = \"{}\"", dir.display()),
+        None => "enabled = false".to_owned(),
+    };
     format!(
         r#"
 [http]
@@ -180,8 +205,9 @@ exchange = "{exchange}"
 publish_timeout_ms = 3000
 reconnect_initial_ms = 50
 reconnect_max_ms = 500
+{amqp_extra}
 [spool]
-enabled = false
+{spool}
 [shutdown]
 grace_period_ms = 5000
 [sources.patreon]
@@ -200,11 +226,16 @@ impl Relay {
     pub async fn start_with(opts: RelayOptions) -> Relay {
         let exchange = unique("hr-test");
         let url = opts.amqp_url.clone().unwrap_or_else(amqp_url);
-        let toml = relay_toml(&exchange, &url, &opts.extra_toml);
+        let toml =
+            relay_toml_with(&exchange, &url, &opts.amqp_extra, opts.spool_dir.as_deref(), &opts.extra_toml);
         Relay::start_toml(exchange, &toml, opts.wait_ready).await
     }
 
     pub async fn start_toml(exchange: String, toml: &str, wait_ready: bool) -> Relay {
+        // Logs only when asked for (RUST_LOG=hookrelay=debug cargo test -- --nocapture).
+        if std::env::var_os("RUST_LOG").is_some() {
+            hookrelay::telemetry::init(hookrelay::config::LogFormat::Plain, "warn");
+        }
         let config = hookrelay::config::load(Some(toml), &HashMap::new()).unwrap().validate().unwrap();
         let ingest_l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin_l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -294,6 +325,13 @@ pub async fn cleanup(toml: &str) {
         let _ = ch.exchange_delete(e.name.as_str().into(), ExchangeDeleteOptions::default()).await;
     }
     let _ = conn.close(200, "cleanup".into()).await;
+}
+
+/// A fresh, empty directory under the system temp dir.
+pub fn temp_dir(prefix: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(unique(prefix));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }
 
 /// Reads one metric sample from exposition text.
