@@ -127,6 +127,16 @@ pub async fn run(
             )));
         }
     }
+    if config.amqp.declare_topology {
+        routers.push(tokio::spawn(publish::depths::run(
+            publisher.clone(),
+            config.amqp.unrouted_exchange.clone(),
+            config.amqp.dead_letter_exchange.clone(),
+            config.sources.iter().map(|s| s.name.clone()).collect(),
+            metrics.clone(),
+            background_stop_rx.clone(),
+        )));
+    }
     let publisher = Arc::new(DurablePublisher::new(publisher, spool, spool_max_bytes, metrics.clone()));
     let drainer = publisher.start_drainer(background_stop_rx.clone());
     let draining = Arc::new(AtomicBool::new(false));

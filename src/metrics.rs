@@ -64,6 +64,9 @@ pub struct Metrics {
     spool_drained: IntCounter,
     spool_corrupt: IntCounter,
     inflight: IntGauge,
+    unrouted_messages: IntGauge,
+    dead_letter_messages: IntGauge,
+    parked_messages: prometheus::IntGaugeVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -210,6 +213,27 @@ impl Metrics {
                 c
             },
             inflight: gauge(&registry, "hookrelay_inflight_requests", "Ingest requests being handled.")?,
+            unrouted_messages: gauge(
+                &registry,
+                "hookrelay_unrouted_messages",
+                "Messages in the unrouted queue (no binding matched), read every 5 s.",
+            )?,
+            dead_letter_messages: gauge(
+                &registry,
+                "hookrelay_dead_letter_messages",
+                "Messages in the relay's dead-letter queue, read every 5 s.",
+            )?,
+            parked_messages: {
+                let g = prometheus::IntGaugeVec::new(
+                    Opts::new(
+                        "hookrelay_parked_messages",
+                        "Messages in a source's parking queue (rejected too often), read every 5 s.",
+                    ),
+                    &["source"],
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
             registry,
         };
         #[cfg(target_os = "linux")]
@@ -239,6 +263,7 @@ impl Metrics {
             }
             m.unrouted.with_label_values(&[source]);
             m.spooled.with_label_values(&[source]);
+            m.parked_messages.with_label_values(&[source]);
             m.confirm_duration.with_label_values(&[source]);
         }
         for status in STATUSES {
@@ -334,6 +359,21 @@ impl Metrics {
     /// Corrupt spool records were skipped.
     pub fn spool_corrupt(&self, count: u64) {
         self.spool_corrupt.inc_by(count);
+    }
+
+    /// Depth of the unrouted queue.
+    pub fn unrouted_depth(&self, messages: u32) {
+        self.unrouted_messages.set(i64::from(messages));
+    }
+
+    /// Depth of the dead-letter queue.
+    pub fn dead_letter_depth(&self, messages: u32) {
+        self.dead_letter_messages.set(i64::from(messages));
+    }
+
+    /// Depth of a source's parking queue.
+    pub fn parked_depth(&self, source: &str, messages: u32) {
+        self.parked_messages.with_label_values(&[source]).set(i64::from(messages));
     }
 
     /// The in-flight request gauge; hold the guard while a request is handled.

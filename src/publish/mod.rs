@@ -5,6 +5,7 @@
 //! crosses this boundary.
 
 pub mod amqp;
+pub mod depths;
 pub mod durable;
 pub mod retry;
 pub mod topology;

@@ -295,6 +295,14 @@ async fn unrouted_events_are_kept_in_the_unrouted_queue() {
     .unwrap();
     let (status, id) = send_one(&relay, 1).await;
     assert_eq!(status, 200);
+    // The relay sees unrouted events by reading the unrouted queue's depth.
+    let admin = relay.admin;
+    eventually("the unrouted gauge to show the event", Duration::from_secs(15), || async move {
+        let (_, _, text) = get(admin, "/metrics").await;
+        (metric_value(&String::from_utf8_lossy(&text), "hookrelay_unrouted_messages", &[]) == Some(1.0))
+            .then_some(())
+    })
+    .await;
     let got = take_messages(&conn, &format!("{}.unrouted", relay.exchange), 1, Duration::from_secs(10)).await;
     assert_eq!(got[0].properties.message_id().as_ref().unwrap().as_str(), id.unwrap());
     assert_eq!(got[0].routing_key.as_str(), "patreon.members.create");
