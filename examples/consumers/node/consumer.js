@@ -186,6 +186,7 @@ async function main() {
       const reason = String(e.message || e).split('\n')[0];
       console.log(`invalid delivery=${msg.fields.deliveryTag} message_id=${msg.properties.messageId || '-'} error=${JSON.stringify(reason)}`);
       channel.nack(msg, false, false);
+      if (opts.maxMessages && consumed >= opts.maxMessages) { done = true; finish(0); }
       return;
     }
 

@@ -206,6 +206,8 @@ def main() -> int:
                 print(f"invalid delivery={method.delivery_tag} message_id={properties.message_id or '-'} "
                       f"error={reason!r}", flush=True)
                 channel.basic_nack(method.delivery_tag, requeue=False)
+                if args.max_messages and consumed >= args.max_messages:
+                    break
                 continue
 
             event_id = event.get_id()

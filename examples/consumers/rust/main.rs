@@ -286,6 +286,9 @@ async fn run(args: &Args) -> Result<ExitCode, String> {
                     .nack(BasicNackOptions { multiple: false, requeue: false })
                     .await
                     .map_err(|e| e.to_string())?;
+                if args.max_messages > 0 && consumed >= args.max_messages {
+                    break;
+                }
                 continue;
             }
         };
