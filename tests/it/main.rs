@@ -6,6 +6,7 @@
 mod support;
 
 mod faults;
+mod process;
 mod proxy;
 
 mod relay;
