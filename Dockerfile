@@ -38,13 +38,13 @@ LABEL org.opencontainers.image.title="hookrelay" \
 COPY --from=builder /out/usr/local/bin/hookrelay /usr/local/bin/hookrelay
 COPY --from=builder --chown=65532:65532 /out/var/lib/hookrelay /var/lib/hookrelay
 
-# Container defaults; every one can be overridden with -e / environment:.
-# The admin listener binds all interfaces so the orchestrator's probes and
-# Prometheus can reach it; publish it only on a private network.
-ENV HOOKRELAY_HTTP__LISTEN=0.0.0.0:8080 \
-    HOOKRELAY_ADMIN__LISTEN=0.0.0.0:9090 \
-    HOOKRELAY_SPOOL__DIR=/var/lib/hookrelay/spool \
-    HOOKRELAY_LOG__FORMAT=json
+# The two settings a container needs that differ from the built-in defaults:
+# the admin listener on all interfaces (the orchestrator's probes and
+# Prometheus must reach it; publish it only on a private network) and the
+# spool on the volume below. Environment variables take precedence over the
+# config file (HOOKRELAY_CONFIG), so override these with -e, not in the file.
+ENV HOOKRELAY_ADMIN__LISTEN=0.0.0.0:9090 \
+    HOOKRELAY_SPOOL__DIR=/var/lib/hookrelay/spool
 
 USER 65532:65532
 # 8080: public webhook ingest (POST /webhooks/{source}).

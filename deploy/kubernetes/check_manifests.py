@@ -13,8 +13,9 @@ schemas (run by .ci/validate-deploy). This script adds:
   * prometheusrule.yaml carries exactly the rules of
     deploy/prometheus/alerts.yml.
 
-    check_manifests.py            # check; quiet on success, exit 1 on failure
-    check_manifests.py --sync     # rewrite prometheusrule.yaml from alerts.yml
+    check_manifests.py                      # check; quiet on success, exit 1 on failure
+    check_manifests.py --sync               # rewrite prometheusrule.yaml from alerts.yml
+    check_manifests.py --print-config FILE  # write the ConfigMap's hookrelay.toml to FILE
 
 Needs PyYAML and jsonschema (both come with kubernetes-validate).
 """
@@ -24,11 +25,15 @@ from __future__ import annotations
 import glob
 import os
 import sys
+import tomllib
 
 import jsonschema
 import yaml
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# Set by the Dockerfile's ENV (environment variables beat the config file).
+IMAGE_ADMIN_LISTEN = "0.0.0.0:9090"
+IMAGE_SPOOL_DIR = "/var/lib/hookrelay/spool"
 ALERTS = os.path.join(HERE, "..", "prometheus", "alerts.yml")
 PROMETHEUSRULE = os.path.join(HERE, "prometheusrule.yaml")
 
@@ -253,6 +258,12 @@ def matches(selector: dict, labels: dict) -> bool:
 
 
 def main() -> int:
+    if len(sys.argv) == 3 and sys.argv[1] == "--print-config":
+        # For `hookrelay check-config`: the ConfigMap's TOML, written to a file.
+        (config,) = [d for d in load(os.path.join(HERE, "configmap.yaml")) if d["kind"] == "ConfigMap"]
+        with open(sys.argv[2], "w", encoding="utf-8") as f:
+            f.write(config["data"]["hookrelay.toml"])
+        return 0
     if sys.argv[1:] == ["--sync"]:
         with open(PROMETHEUSRULE, "w", encoding="utf-8") as f:
             f.write(prometheusrule_text())
@@ -345,11 +356,24 @@ def main() -> int:
             for ep in sm["spec"]["endpoints"]:
                 c.expect(ep.get("port") in names, f"ServiceMonitor endpoint port {ep.get('port')} not on {t['metadata']['name']}")
 
-    # Configuration: ConfigMap and Secret the pod uses, and the paths in them.
-    env_cms = [e["configMapRef"]["name"] for e in container.get("envFrom", []) if "configMapRef" in e]
-    c.expect(env_cms == [config["metadata"]["name"]], "the relay must take its settings from hookrelay-config")
+    # Configuration: the TOML file from the ConfigMap, the Secret, and the
+    # paths and ports named in them.
+    mounts = {m["name"]: m["mountPath"] for m in container.get("volumeMounts", [])}
+    volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}
+    env = {e["name"]: e for e in container.get("env", [])}
+    config_path = env.get("HOOKRELAY_CONFIG", {}).get("value", "")
+    config_mounts = [mounts[n] for n, v in volumes.items()
+                     if v.get("configMap", {}).get("name") == config["metadata"]["name"] and n in mounts]
+    c.expect(len(config_mounts) == 1 and config_path == os.path.join(config_mounts[0], "hookrelay.toml"),
+             "HOOKRELAY_CONFIG must name hookrelay.toml in the mounted hookrelay-config ConfigMap")
+    try:
+        settings = tomllib.loads(config["data"]["hookrelay.toml"])
+    except (KeyError, tomllib.TOMLDecodeError) as e:
+        c.fail(f"hookrelay-config: hookrelay.toml missing or not valid TOML: {e}")
+        return report(c)
+
     secret_keys = set(secret.get("stringData", {})) | set(secret.get("data", {}))
-    for e in container.get("env", []):
+    for e in env.values():
         ref = e.get("valueFrom", {}).get("secretKeyRef")
         if ref:
             c.expect(ref["name"] == secret["metadata"]["name"] and ref["key"] in secret_keys,
@@ -357,27 +381,34 @@ def main() -> int:
     for v in secret.get("stringData", {}).values():
         c.expect("NOT-FOR-PRODUCTION" in v, "values in the example Secret must say NOT-FOR-PRODUCTION")
 
-    mounts = {m["name"]: m["mountPath"] for m in container.get("volumeMounts", [])}
-    volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}
-    data = config["data"]
-    secret_files = data.get("HOOKRELAY_SOURCES__PATREON__SECRET_FILES", "")
-    ok = False
+    projected = set()
     for vname, vol in volumes.items():
         if "secret" in vol and vname in mounts:
             c.expect(vol["secret"]["secretName"] == secret["metadata"]["name"], f"volume {vname} mounts another Secret")
             for item in vol["secret"].get("items", []):
                 c.expect(item["key"] in secret_keys, f"volume {vname} projects missing key {item['key']}")
-                if os.path.join(mounts[vname], item["path"]) == secret_files:
-                    ok = True
-    c.expect(ok, f"SECRET_FILES {secret_files!r} is not a file projected from hookrelay-secrets")
+                projected.add(os.path.join(mounts[vname], item["path"]))
+    sources = settings.get("sources", {})
+    c.expect(bool(sources), "hookrelay.toml configures no source")
+    for name, source in sources.items():
+        c.expect("secrets" not in source, f"sources.{name}: put secrets in the Secret, not in the ConfigMap")
+        files = source.get("secret_files", [])
+        c.expect(bool(files), f"sources.{name} has no secret_files")
+        for f in files:
+            c.expect(f in projected, f"sources.{name}.secret_files: {f} is not projected from hookrelay-secrets")
+
+    # The image's environment sets admin.listen and spool.dir; a value in the
+    # file would be overridden by it, so the file must not disagree.
+    spool_dir = settings.get("spool", {}).get("dir", IMAGE_SPOOL_DIR)
+    admin_listen = settings.get("admin", {}).get("listen", IMAGE_ADMIN_LISTEN)
+    http_listen = settings.get("http", {}).get("listen", "0.0.0.0:8080")
+    c.expect((spool_dir, admin_listen) == (IMAGE_SPOOL_DIR, IMAGE_ADMIN_LISTEN),
+             "spool.dir / admin.listen in hookrelay.toml differ from the image's environment, which wins")
     templates = {t["metadata"]["name"] for t in sts["spec"].get("volumeClaimTemplates", [])}
     spool_mounts = [mounts[n] for n in templates if n in mounts]
-    c.expect(spool_mounts == [data.get("HOOKRELAY_SPOOL__DIR")],
-             "HOOKRELAY_SPOOL__DIR must be the mount path of the spool volumeClaimTemplate")
-    c.expect(data.get("HOOKRELAY_ADMIN__LISTEN", "").endswith(f":{port_names.get('admin')}"),
-             "HOOKRELAY_ADMIN__LISTEN must listen on the admin container port")
-    c.expect(data.get("HOOKRELAY_HTTP__LISTEN", "").endswith(f":{port_names.get('http')}"),
-             "HOOKRELAY_HTTP__LISTEN must listen on the http container port")
+    c.expect(spool_mounts == [spool_dir], "the spool volumeClaimTemplate must be mounted at the spool directory")
+    c.expect(admin_listen.endswith(f":{port_names.get('admin')}"), "admin.listen must use the admin container port")
+    c.expect(http_listen.endswith(f":{port_names.get('http')}"), "http.listen must use the http container port")
 
     res = container.get("resources", {})
     c.expect(res.get("requests") == {"cpu": "50m", "memory": "32Mi"}, "unexpected resource requests")
