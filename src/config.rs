@@ -13,6 +13,7 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
+use crate::http::allowlist::{Allowlist, Cidr};
 use crate::verify::patreon::PatreonVerifier;
 
 /// Environment prefix; `HOOKRELAY_HTTP__LISTEN` sets `http.listen`.
@@ -48,13 +49,18 @@ pub struct HttpSettings {
     pub listen: String,
     /// Largest accepted request body; larger ones get 413.
     pub max_body_bytes: u64,
-    /// Time allowed for a client to send the request headers.
+    /// Time allowed for a client to send a request head, on a new connection and
+    /// between requests on a kept-alive one (so it is also the idle timeout); then
+    /// the connection is closed.
     pub header_read_timeout_ms: u64,
     /// Time allowed for a whole request, body and publish included; then 408 or 503.
     pub request_timeout_ms: u64,
-    /// Connections served at once; further ones wait in the kernel backlog.
+    /// Connections served at once. When all are taken, connections that are not
+    /// inside a request (idle, or still trickling a head) are closed to make room;
+    /// new ones wait in the kernel backlog meanwhile.
     pub max_connections: usize,
-    /// Seconds sent in `Retry-After` with 503 and 429 answers.
+    /// Seconds sent in `Retry-After` with 503 answers (a 429 carries the time until the
+    /// source's rate limit admits the next request, rounded up to whole seconds).
     pub retry_after_secs: u64,
 }
 
@@ -213,6 +219,31 @@ pub enum OneOrMany {
     Many(Vec<SecretString>),
 }
 
+/// One path or a list of them (an environment variable can only give one).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum PathList {
+    /// A single path.
+    One(PathBuf),
+    /// Several paths.
+    Many(Vec<PathBuf>),
+}
+
+impl Default for PathList {
+    fn default() -> Self {
+        PathList::Many(Vec::new())
+    }
+}
+
+impl PathList {
+    fn as_slice(&self) -> &[PathBuf] {
+        match self {
+            PathList::One(p) => std::slice::from_ref(p),
+            PathList::Many(v) => v,
+        }
+    }
+}
+
 impl Default for OneOrMany {
     fn default() -> Self {
         OneOrMany::Many(Vec::new())
@@ -228,12 +259,56 @@ pub struct SourceSettings {
     /// Secrets that may sign, inline (any of them verifies a delivery).
     #[serde(default)]
     pub secrets: OneOrMany,
-    /// Files holding one secret each (trailing newline ignored).
+    /// Files holding one secret each (trailing newline ignored); a list or one path.
     #[serde(default)]
-    pub secret_files: Vec<PathBuf>,
+    pub secret_files: PathList,
     /// CloudEvents `source` attribute; defaults to `/webhooks/{name}`.
     #[serde(default)]
     pub cloudevents_source: Option<String>,
+    /// Requests per second this source accepts before answering 429 with `Retry-After`;
+    /// `0` (the default) turns the limit off. Checked before the body is read or the
+    /// signature computed, so a flood is refused cheaply (and forged requests use the
+    /// budget up too: pair it with `allowed_cidrs`).
+    #[serde(default)]
+    pub rate_limit_per_sec: u32,
+    /// Requests accepted at once above the steady rate (the token bucket's size, in
+    /// requests); defaults to `rate_limit_per_sec`. Needs `rate_limit_per_sec`.
+    #[serde(default)]
+    pub rate_limit_burst: Option<u32>,
+    /// Client networks that may post to this source, as CIDRs (`10.0.0.0/8`,
+    /// `2001:db8::/32`) or single addresses; from the environment, one comma-separated
+    /// string. Empty (the default) allows every address. Matched against the TCP peer
+    /// address before anything else is done (403); `X-Forwarded-For` is never trusted.
+    #[serde(default)]
+    pub allowed_cidrs: StringList,
+}
+
+/// One string (from the environment, comma-separated) or a list of strings.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum StringList {
+    /// `"a, b"`: split on commas, blanks trimmed, empty items dropped.
+    One(String),
+    /// `["a", "b"]`.
+    Many(Vec<String>),
+}
+
+impl Default for StringList {
+    fn default() -> Self {
+        StringList::Many(Vec::new())
+    }
+}
+
+impl StringList {
+    /// The items, in order.
+    pub fn items(&self) -> Vec<String> {
+        match self {
+            StringList::One(text) => {
+                text.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect()
+            }
+            StringList::Many(items) => items.clone(),
+        }
+    }
 }
 
 /// A configuration error that names the key at fault. Never carries secret values.
@@ -256,13 +331,14 @@ fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { key: key.into(), problem: problem.into() }
 }
 
-/// Loads settings from optional TOML text and an environment map (only
-/// `HOOKRELAY_*` entries are read; `HOOKRELAY_CONFIG` names the file and is skipped).
+/// Loads settings from optional TOML text and an environment map. Only
+/// `HOOKRELAY_<SECTION>__<KEY>` entries are read: every option lives in a section, so
+/// a variable without `__` (`HOOKRELAY_CONFIG`, a script's `HOOKRELAY_BIN`) is not
+/// an option and is left alone.
 pub fn load(file_toml: Option<&str>, env: &HashMap<String, String>) -> Result<Settings, ConfigError> {
     let env: config::Map<String, String> = env
         .iter()
-        .filter(|(k, _)| k.starts_with("HOOKRELAY_") && k.as_str() != CONFIG_FILE_ENV)
-        .filter(|(k, _)| !k.starts_with("HOOKRELAY_TEST_"))
+        .filter(|(k, _)| k.strip_prefix("HOOKRELAY_").is_some_and(|rest| rest.contains("__")))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let mut builder = config::Config::builder();
@@ -381,6 +457,19 @@ pub struct SourceConfig {
     pub cloudevents_source: String,
     /// Keyed verifier holding the secrets (redacted `Debug`).
     pub verifier: PatreonVerifier,
+    /// Per-source rate limit; `None` when off.
+    pub rate_limit: Option<RateLimit>,
+    /// Networks allowed to post; empty allows every address.
+    pub allowlist: Allowlist,
+}
+
+/// A token bucket: `burst` requests at once, refilled at `per_sec` a second.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Steady rate, requests per second (at least 1).
+    pub per_sec: u32,
+    /// Bucket size, requests (at least 1).
+    pub burst: u32,
 }
 
 /// A name usable in a path, a routing key, a queue name and a metric label.
@@ -492,7 +581,7 @@ impl Settings {
                 OneOrMany::One(one) => vec![one],
                 OneOrMany::Many(many) => many,
             };
-            for (i, path) in s.secret_files.iter().enumerate() {
+            for (i, path) in s.secret_files.as_slice().iter().enumerate() {
                 let file_key = format!("{key}.secret_files[{i}]");
                 secrets.push(read_secret_file(&file_key, path, &mut warnings)?);
             }
@@ -506,11 +595,33 @@ impl Settings {
                 ));
             }
             let verifier = PatreonVerifier::new(secrets.iter().map(|s| s.expose_secret().as_bytes()));
+            let rate_limit = match (s.rate_limit_per_sec, s.rate_limit_burst) {
+                (0, None) => None,
+                (0, Some(_)) => {
+                    return Err(invalid(
+                        format!("{key}.rate_limit_burst"),
+                        "needs rate_limit_per_sec greater than zero",
+                    ));
+                }
+                (_, Some(0)) => {
+                    return Err(invalid(format!("{key}.rate_limit_burst"), "must be greater than zero"));
+                }
+                (per_sec, burst) => Some(RateLimit { per_sec, burst: burst.unwrap_or(per_sec) }),
+            };
+            let mut networks = Vec::new();
+            for (i, text) in s.allowed_cidrs.items().iter().enumerate() {
+                let cidr = text
+                    .parse::<Cidr>()
+                    .map_err(|e| invalid(format!("{key}.allowed_cidrs[{i}]"), e.to_string()))?;
+                networks.push(cidr);
+            }
             sources.push(SourceConfig {
                 cloudevents_source: s.cloudevents_source.unwrap_or_else(|| format!("/webhooks/{name}")),
                 name,
                 kind: s.kind,
                 verifier,
+                rate_limit,
+                allowlist: Allowlist::new(networks),
             });
         }
 
@@ -586,6 +697,7 @@ mod tests {
             ("HOOKRELAY_SOURCES__OTHER__KIND", "patreon"),
             ("HOOKRELAY_SOURCES__OTHER__SECRETS", "only-one"),
             ("HOOKRELAY_CONFIG", "/ignored.toml"),
+            ("HOOKRELAY_BIN", "/not/an/option"),
             ("PATH", "/bin"),
         ]);
         let cfg = load(Some(MINIMAL), &e).unwrap().validate().unwrap();
@@ -640,6 +752,13 @@ mod tests {
         assert_eq!(cfg.sources[0].verifier.secret_count(), 2);
         let shown = format!("{cfg:?}");
         assert!(!shown.contains("NOT-REAL"), "{shown}");
+        // One path from the environment.
+        let e = env(&[
+            ("HOOKRELAY_SOURCES__ENVONLY__KIND", "patreon"),
+            ("HOOKRELAY_SOURCES__ENVONLY__SECRET_FILES", path.to_str().unwrap()),
+        ]);
+        let cfg = load(None, &e).unwrap().validate().unwrap();
+        assert_eq!(cfg.sources[0].verifier.secret_count(), 1);
         assert!(!shown.contains("guest:guest"), "{shown}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
