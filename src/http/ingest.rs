@@ -1,6 +1,14 @@
-//! `POST /webhooks/{source}`: limits → signature → event header → JSON → envelope →
-//! publish → answer. Nothing about an unauthenticated request is parsed beyond its
-//! headers, and the answer is 2xx only once the publisher says the event is durable.
+//! `POST /webhooks/{source}`: allowlist → method → rate limit → limits → signature →
+//! event header → JSON → envelope → publish → answer. Nothing about an
+//! unauthenticated request is parsed beyond its headers, and the answer is 2xx only
+//! once the publisher says the event is durable.
+//!
+//! Cost of a refusal: an address outside the allowlist, a wrong method, an exhausted
+//! rate limit, a declared `Content-Length` over the limit and a duplicated signature
+//! or event header are all refused from the head alone, before a byte of the body is
+//! read. A bad signature costs reading the body (at most `max_body_bytes`, within the
+//! request timeout) and one HMAC per configured secret, since the signature covers
+//! the body; the body is never parsed before the signature checks out.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,20 +22,29 @@ use hyper::{Method, Request, Response, StatusCode};
 use tokio::time::Instant;
 use tracing::{Instrument, debug, field, info, info_span, warn};
 
-use super::HttpResponse;
+use super::pool::ConnectionSlot;
+use super::ratelimit::{RateLimiter, retry_after_secs};
+use super::{HttpResponse, PeerAddr};
 use crate::config::SourceConfig;
 use crate::envelope;
 use crate::metrics::{Metrics, UNKNOWN_SOURCE};
 use crate::publish::{Delivered, Outgoing, PublishError, Publisher};
 use crate::verify::patreon::{EVENT_HEADER, SIGNATURE_HEADER};
-use crate::verify::{TriggerError, VerifyError};
+use crate::verify::{SignatureError, TriggerError, VerifyError};
 
 /// Path prefix of the webhook route.
 pub const ROUTE_PREFIX: &str = "/webhooks/";
 
+/// A configured source with its runtime state.
+struct Source {
+    config: SourceConfig,
+    /// The source's token bucket, when it has a rate limit.
+    limiter: Option<RateLimiter>,
+}
+
 /// What the ingest handler needs, shared by all connections.
 pub struct Ingest<P> {
-    sources: HashMap<String, SourceConfig>,
+    sources: HashMap<String, Source>,
     publisher: Arc<P>,
     metrics: Metrics,
     max_body_bytes: u64,
@@ -52,7 +69,14 @@ impl<P: Publisher> Ingest<P> {
         retry_after_secs: u64,
     ) -> Self {
         Ingest {
-            sources: sources.into_iter().map(|s| (s.name.clone(), s)).collect(),
+            sources: sources
+                .into_iter()
+                .map(|config| {
+                    let limiter =
+                        config.rate_limit.map(|r| RateLimiter::new(r.per_sec, r.burst, Instant::now()));
+                    (config.name.clone(), Source { config, limiter })
+                })
+                .collect(),
             publisher,
             metrics,
             max_body_bytes,
@@ -68,10 +92,14 @@ impl<P: Publisher> Ingest<P> {
         let source = self.source_for(req.uri().path());
         let span = info_span!(
             "webhook",
-            source = source.map_or(UNKNOWN_SOURCE, |s| s.name.as_str()),
+            source = source.map_or(UNKNOWN_SOURCE, |s| s.config.name.as_str()),
+            peer = field::Empty,
             trigger = field::Empty,
             event_id = field::Empty,
         );
+        if let Some(PeerAddr(peer)) = req.extensions().get::<PeerAddr>() {
+            span.record("peer", field::display(peer.ip()));
+        }
         let response = self.route(req, source).instrument(span.clone()).await;
         let status = response.status().as_u16();
         self.metrics.request_finished(status, started.elapsed());
@@ -79,18 +107,28 @@ impl<P: Publisher> Ingest<P> {
         response
     }
 
-    fn source_for(&self, path: &str) -> Option<&SourceConfig> {
+    /// The source named by the path: exactly `/webhooks/{name}`, compared byte for
+    /// byte (no decoding, no case folding, no trailing slash), so traversal and
+    /// percent-encoding tricks find nothing.
+    fn source_for(&self, path: &str) -> Option<&Source> {
         let name = path.strip_prefix(ROUTE_PREFIX)?;
         self.sources.get(name)
     }
 
-    async fn route(&self, req: Request<Incoming>, source: Option<&SourceConfig>) -> HttpResponse {
-        let Some(source) = source else {
+    async fn route(&self, req: Request<Incoming>, source: Option<&Source>) -> HttpResponse {
+        let Some(Source { config: source, limiter }) = source else {
             let reason =
                 if req.uri().path().starts_with(ROUTE_PREFIX) { "unknown_source" } else { "not_found" };
             self.metrics.rejected(UNKNOWN_SOURCE, reason);
             return error(StatusCode::NOT_FOUND, "not found");
         };
+        // Before anything else: a denied address learns nothing more, costs nothing more.
+        let peer = req.extensions().get::<PeerAddr>().map(|p| p.0.ip());
+        if !source.allowlist.allows(peer) {
+            self.metrics.rejected(&source.name, "ip_denied");
+            debug!("Address not allowed for this source.");
+            return closing(error(StatusCode::FORBIDDEN, "forbidden"));
+        }
         if req.method() != Method::POST {
             self.metrics.rejected(&source.name, "method_not_allowed");
             let mut resp = error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
@@ -98,6 +136,17 @@ impl<P: Publisher> Ingest<P> {
             return resp;
         }
         self.metrics.webhook_received(&source.name);
+        // Before reading the body or computing a signature, so a flood is cheap to
+        // refuse; forged requests spend the budget too (see SECURITY.md).
+        if let Some(limiter) = limiter
+            && let Err(wait) = limiter.check(Instant::now())
+        {
+            self.metrics.rejected(&source.name, "rate_limited");
+            debug!(wait_ms = wait.as_millis() as u64, "Rate limit reached.");
+            let mut resp = closing(error(StatusCode::TOO_MANY_REQUESTS, "rate limit reached"));
+            resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from(retry_after_secs(wait)));
+            return resp;
+        }
         self.receive(req, source).await
     }
 
@@ -112,9 +161,27 @@ impl<P: Publisher> Ingest<P> {
             self.metrics.rejected(name, "body_too_large");
             return too_large();
         }
+        // Two signatures or two triggers are ambiguous (a proxy may pick the other one):
+        // refuse them from the head, before reading the body.
+        if req.headers().get_all(SIGNATURE_HEADER).iter().nth(1).is_some() {
+            self.metrics.signature_failed(name, SignatureError::Malformed.label());
+            info!(reason = "duplicated", "Signature refused.");
+            return closing(error(StatusCode::UNAUTHORIZED, "invalid signature"));
+        }
+        if req.headers().get_all(EVENT_HEADER).iter().nth(1).is_some() {
+            self.metrics.rejected(name, "bad_event_header");
+            return closing(error(StatusCode::BAD_REQUEST, "duplicated X-Patreon-Event header"));
+        }
         let (parts, body) = req.into_parts();
         let limit = usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX);
+        // While the body trickles in, the connection may be closed to make room.
+        let reading = parts.extensions.get::<ConnectionSlot>().map(ConnectionSlot::reading_body);
         let collected = tokio::time::timeout(self.request_timeout, Limited::new(body, limit).collect()).await;
+        if reading.is_some_and(|r| !r.finish()) {
+            // Chosen for closing while the body was slow: the sender will not hear back.
+            self.metrics.rejected(name, "timeout");
+            return closing(error(StatusCode::REQUEST_TIMEOUT, "request body not received in time"));
+        }
         let body: Bytes = match collected {
             Err(_) => {
                 self.metrics.rejected(name, "timeout");
@@ -209,8 +276,13 @@ fn accepted(id: &str) -> HttpResponse {
 }
 
 fn too_large() -> HttpResponse {
-    let mut resp = error(StatusCode::PAYLOAD_TOO_LARGE, "body too large");
     // The rest of the body is not read; the connection cannot be reused.
+    closing(error(StatusCode::PAYLOAD_TOO_LARGE, "body too large"))
+}
+
+/// Marks an answer given before the body was read: the connection is not reused
+/// (hyper would close it anyway unless the whole body happened to be buffered).
+fn closing(mut resp: HttpResponse) -> HttpResponse {
     resp.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
     resp
 }

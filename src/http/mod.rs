@@ -2,35 +2,77 @@
 //! handler (`ingest`) and the operator endpoints (`admin`).
 //!
 //! Free of broker types: the ingest handler sees only the [`crate::publish::Publisher`] trait.
+//!
+//! Both listeners speak HTTP/1.1 (and 1.0) only. HTTP/2 is not served: webhook
+//! providers and the proxies in front of the relay send HTTP/1.1, and HTTP/2 would
+//! bypass the protections below (hyper's header-read timeout is HTTP/1 only, and
+//! hyper-util's version sniffing waits for the first bytes without any deadline).
+//! A client that opens with the HTTP/2 preface has its connection closed.
+//!
+//! What bounds a connection:
+//! - the request head must arrive within `header_read_timeout` (hyper starts that
+//!   clock when it begins waiting for a head: on a new connection and again after
+//!   every answer on a kept-alive one, so it is also the idle timeout), and may be
+//!   at most [`MAX_HEAD_BYTES`] (else 431);
+//! - the body must arrive within the handler's request timeout (408) and limit (413);
+//! - at most `max_connections` connections are served at once; when all are taken,
+//!   connections that are not inside a request (idle keep-alive, slow heads, silent
+//!   openers) or are still waiting for a request body are closed after
+//!   [`pool::IDLE_BEFORE_EVICTION`] to make room, so idle and slow clients cannot keep
+//!   honest senders waiting in the backlog.
 
 pub mod admin;
+pub mod allowlist;
 pub mod ingest;
-
+pub mod pool;
+pub mod ratelimit;
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper::header::{CONNECTION, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, TryAcquireError};
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
+
+use self::pool::{ConnectionSlot, IDLE_BEFORE_EVICTION, Pool};
 
 /// The response type of every handler.
 pub type HttpResponse = Response<Full<Bytes>>;
 
+/// Largest request head (request line and headers) accepted; larger ones get 431.
+/// hyper also refuses more than 100 header fields (431).
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// How often the accept loop looks for idle connections to close while every
+/// connection slot is taken.
+const EVICTION_TICK: Duration = Duration::from_millis(50);
+
+/// At most one warning per this period while connections are being evicted.
+const EVICTION_WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// The address of the client that opened the connection, put into every request's
+/// extensions by [`serve`]. It is the TCP peer, never a header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerAddr(pub SocketAddr);
+
 /// Connection-level limits of one listener.
 #[derive(Debug, Clone, Copy)]
 pub struct ServeOptions {
-    /// Connections served at once; more wait in the kernel backlog.
+    /// Connections served at once; idle ones are closed to make room for new ones.
     pub max_connections: usize,
-    /// Time a client has to send the request head (HTTP/1).
+    /// Time a client has to send a request head (HTTP/1), on a new connection and
+    /// between requests on a kept-alive one.
     pub header_read_timeout: Duration,
     /// Time in-flight requests get to finish after shutdown is asked.
     pub grace_period: Duration,
@@ -47,19 +89,36 @@ pub async fn serve<H, Fut>(
     H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = HttpResponse> + Send + 'static,
 {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(opts.header_read_timeout).keep_alive(true);
-    builder.http2().timer(TokioTimer::new()).max_concurrent_streams(256);
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(opts.header_read_timeout)
+        .keep_alive(true)
+        .max_header_size(MAX_HEAD_BYTES)
+        // The read buffer: bounds a connection's memory while a head or body arrives.
+        .max_buf_size(2 * MAX_HEAD_BYTES);
     let graceful = GracefulShutdown::new();
     let permits = Arc::new(Semaphore::new(opts.max_connections.max(1)));
+    let pool = Arc::new(Pool::default());
+    let mut evictions = EvictionLog::default();
     let mut shutdown = std::pin::pin!(shutdown);
-    loop {
-        let permit = tokio::select! {
-            _ = &mut shutdown => break,
-            permit = permits.clone().acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => break,
-            },
+    'accept: loop {
+        let permit = loop {
+            match permits.clone().try_acquire_owned() {
+                Ok(p) => break p,
+                Err(TryAcquireError::Closed) => break 'accept,
+                Err(TryAcquireError::NoPermits) => {}
+            }
+            // Every slot is taken: close connections that only hold one.
+            evictions.record(pool.evict_idle(IDLE_BEFORE_EVICTION), opts.max_connections);
+            tokio::select! {
+                _ = &mut shutdown => break 'accept,
+                permit = permits.clone().acquire_owned() => match permit {
+                    Ok(p) => break p,
+                    Err(_) => break 'accept,
+                },
+                _ = tokio::time::sleep(EVICTION_TICK) => {}
+            }
         };
         let (stream, peer) = tokio::select! {
             _ = &mut shutdown => break,
@@ -74,17 +133,34 @@ pub async fn serve<H, Fut>(
             },
         };
         let _ = stream.set_nodelay(true);
+        let (slot, registration) = pool.register();
         let handler = handler.clone();
-        let service = hyper::service::service_fn(move |req| {
+        let service_slot = slot.clone();
+        let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
             let handler = handler.clone();
-            async move { Ok::<_, Infallible>(handler(req).await) }
+            let busy = service_slot.enter();
+            req.extensions_mut().insert(PeerAddr(peer));
+            req.extensions_mut().insert(ConnectionSlot(service_slot.clone()));
+            async move {
+                let Some(_busy) = busy else {
+                    // Chosen for closing a moment ago; the connection is going away.
+                    return Ok::<_, Infallible>(closing());
+                };
+                Ok(handler(req).await)
+            }
         });
-        let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+        let conn = builder.serve_connection(TokioIo::new(stream), service);
         let watched = graceful.watch(conn);
         tokio::spawn(async move {
-            if let Err(error) = watched.await {
-                debug!(%peer, %error, "Connection ended with an error.");
+            tokio::select! {
+                result = watched => {
+                    if let Err(error) = result {
+                        debug!(%peer, %error, "Connection ended with an error.");
+                    }
+                }
+                () = slot.evicted() => debug!(%peer, "Closed an idle connection to make room."),
             }
+            drop(registration);
             drop(permit);
         });
     }
@@ -96,5 +172,39 @@ pub async fn serve<H, Fut>(
         );
     } else {
         info!("All connections finished.");
+    }
+}
+
+/// The answer to a request that arrives on a connection just chosen for closing.
+fn closing() -> HttpResponse {
+    let mut resp = Response::new(Full::new(Bytes::from_static(b"{\"error\":\"connection closing\"}")));
+    *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    resp.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
+
+/// Warns about evictions at most once per [`EVICTION_WARN_EVERY`], with a count.
+#[derive(Default)]
+struct EvictionLog {
+    last_warned: Option<Instant>,
+    unreported: usize,
+}
+
+impl EvictionLog {
+    fn record(&mut self, evicted: usize, max_connections: usize) {
+        self.unreported += evicted;
+        if self.unreported == 0 {
+            return;
+        }
+        let now = Instant::now();
+        if self.last_warned.is_none_or(|t| now.duration_since(t) >= EVICTION_WARN_EVERY) {
+            warn!(
+                max_connections,
+                closed = self.unreported,
+                "Every connection slot is taken; closed idle connections to make room."
+            );
+            self.last_warned = Some(now);
+            self.unreported = 0;
+        }
     }
 }

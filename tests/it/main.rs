@@ -9,5 +9,6 @@ mod faults;
 mod process;
 mod proxy;
 
+mod hostile;
 mod relay;
 mod statuses;

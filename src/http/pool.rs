@@ -1,0 +1,270 @@
+//! The connections of one listener and whether each is inside a request, so that
+//! when every connection slot is taken the accept loop can close the ones that are
+//! only holding a slot (idle keep-alive, a head trickled byte by byte, nothing sent
+//! at all) instead of leaving honest senders in the kernel backlog.
+//!
+//! A connection is *busy* from the moment its request head has been parsed until the
+//! handler has answered, except while the handler waits for the request body (see
+//! [`ConnectionSlot::reading_body`]). Only connections that have not been busy for at
+//! least [`IDLE_BEFORE_EVICTION`] can be closed: a silent opener, a head or body
+//! trickled byte by byte, an idle keep-alive. Never one whose handler has the whole
+//! body (it may be waiting for a broker confirm that the sender must hear about).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// How long a connection must have been outside any request before it may be closed
+/// to free its slot. An honest client sends its head within milliseconds of
+/// connecting (or of the previous answer); this also covers flushing an answer.
+pub const IDLE_BEFORE_EVICTION: Duration = Duration::from_millis(100);
+
+/// Set in [`Slot::state`] once the slot has been evicted; the low bits count requests
+/// inside the handler.
+const EVICTED: u64 = 1 << 63;
+/// Set in [`Slot::state`] while the handler is only waiting for the request body.
+const READING: u64 = 1 << 62;
+/// The request count in [`Slot::state`].
+const BUSY: u64 = READING - 1;
+
+/// One connection's bookkeeping.
+#[derive(Debug)]
+pub struct Slot {
+    /// `EVICTED` | `READING` | number of requests inside the handler.
+    state: AtomicU64,
+    /// When the connection last became idle, in milliseconds since the pool's epoch.
+    idle_since_ms: AtomicU64,
+    /// Wakes the connection task to close the connection.
+    evict: Notify,
+    /// The pool's clock origin.
+    epoch: Instant,
+}
+
+impl Slot {
+    /// Marks a request as inside the handler; false when the connection has been
+    /// evicted, in which case the request must not be handled.
+    pub fn enter(self: &Arc<Self>) -> Option<BusyGuard> {
+        self.state
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| (s & EVICTED == 0).then_some(s + 1))
+            .ok()?;
+        Some(BusyGuard { slot: self.clone() })
+    }
+
+    fn now_ms(&self) -> u64 {
+        millis_since(self.epoch, Instant::now())
+    }
+
+    /// Resolves once the accept loop has chosen this connection for closing.
+    pub async fn evicted(&self) {
+        self.evict.notified().await;
+    }
+
+    fn try_evict(&self, now_ms: u64, min_idle_ms: u64) -> bool {
+        let idle_for = now_ms.saturating_sub(self.idle_since_ms.load(Ordering::Acquire));
+        if idle_for < min_idle_ms {
+            return false;
+        }
+        // Only a slot that is idle (no request) or only waiting for a body, and not
+        // yet evicted, can be evicted.
+        let evictable = |s: u64| s & EVICTED == 0 && (s & BUSY == 0 || s & READING != 0);
+        if self
+            .state
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| evictable(s).then_some(s | EVICTED))
+            .is_err()
+        {
+            return false;
+        }
+        self.evict.notify_one();
+        true
+    }
+}
+
+/// A connection's slot as the handler sees it (in the request's extensions).
+#[derive(Debug, Clone)]
+pub struct ConnectionSlot(pub(crate) Arc<Slot>);
+
+impl ConnectionSlot {
+    /// Marks the request as only waiting for its body, so the connection may be closed
+    /// to free its slot if every slot is taken and the body is slow to arrive. Call
+    /// [`ReadingBody::finish`] once the body is in.
+    pub fn reading_body(&self) -> ReadingBody {
+        self.0.idle_since_ms.store(self.0.now_ms(), Ordering::Release);
+        self.0.state.fetch_or(READING, Ordering::AcqRel);
+        ReadingBody { slot: self.0.clone(), done: false }
+    }
+}
+
+/// The body-reading phase of one request; see [`ConnectionSlot::reading_body`].
+#[derive(Debug)]
+pub struct ReadingBody {
+    slot: Arc<Slot>,
+    done: bool,
+}
+
+impl ReadingBody {
+    /// Ends the phase. False when the connection was chosen for closing meanwhile: the
+    /// handler must then stop (its answer would never arrive anyway).
+    pub fn finish(mut self) -> bool {
+        self.done = true;
+        self.slot
+            .state
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| (s & EVICTED == 0).then_some(s & !READING))
+            .is_ok()
+    }
+}
+
+impl Drop for ReadingBody {
+    fn drop(&mut self) {
+        if !self.done {
+            self.slot.state.fetch_and(!READING, Ordering::AcqRel);
+        }
+    }
+}
+
+/// Held while a request is inside the handler; marks the connection idle on drop
+/// (also when the handler future is dropped because the client went away).
+#[derive(Debug)]
+pub struct BusyGuard {
+    slot: Arc<Slot>,
+}
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        self.slot.idle_since_ms.store(self.slot.now_ms(), Ordering::Release);
+        self.slot.state.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn millis_since(epoch: Instant, now: Instant) -> u64 {
+    u64::try_from(now.saturating_duration_since(epoch).as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Every open connection of one listener.
+#[derive(Debug)]
+pub struct Pool {
+    slots: Mutex<HashMap<u64, Arc<Slot>>>,
+    next_id: AtomicU64,
+    epoch: Instant,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Pool { slots: Mutex::new(HashMap::new()), next_id: AtomicU64::new(0), epoch: Instant::now() }
+    }
+}
+
+impl Pool {
+    /// Registers a newly accepted connection; it is idle from now on. Dropping the
+    /// returned guard deregisters it.
+    pub fn register(self: &Arc<Self>) -> (Arc<Slot>, Registration) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let slot = Arc::new(Slot {
+            state: AtomicU64::new(0),
+            idle_since_ms: AtomicU64::new(millis_since(self.epoch, Instant::now())),
+            evict: Notify::new(),
+            epoch: self.epoch,
+        });
+        self.lock().insert(id, slot.clone());
+        (slot, Registration { pool: self.clone(), id })
+    }
+
+    /// Closes every connection that has been idle for at least `min_idle`; returns
+    /// how many were chosen.
+    pub fn evict_idle(&self, min_idle: Duration) -> usize {
+        let now_ms = millis_since(self.epoch, Instant::now());
+        let min_idle_ms = u64::try_from(min_idle.as_millis()).unwrap_or(u64::MAX);
+        self.lock().values().filter(|slot| slot.try_evict(now_ms, min_idle_ms)).count()
+    }
+
+    /// Connections currently registered.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// True when no connection is registered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Slot>>> {
+        // The map stays consistent even if a holder panicked: every critical section
+        // is a single insert, remove or scan.
+        self.slots.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Removes a connection from its pool when dropped.
+#[derive(Debug)]
+pub struct Registration {
+    pool: Arc<Pool>,
+    id: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.pool.lock().remove(&self.id);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    const LONG: Duration = Duration::from_secs(3600);
+
+    #[tokio::test]
+    async fn only_connections_idle_long_enough_are_evicted() {
+        let pool = Arc::new(Pool::default());
+        let (idle, _r1) = pool.register();
+        let (busy, _r2) = pool.register();
+        let guard = busy.enter().unwrap();
+        assert_eq!(pool.evict_idle(LONG), 0, "nothing has been idle for an hour");
+        assert_eq!(pool.evict_idle(Duration::ZERO), 1, "only the idle one, never the busy one");
+        // The evicted connection is told, and handles no further request.
+        tokio::time::timeout(Duration::from_secs(1), idle.evicted()).await.unwrap();
+        assert!(idle.enter().is_none());
+        // The busy one becomes idle when its handler finishes, and only ages from then.
+        drop(guard);
+        assert_eq!(pool.evict_idle(LONG), 0);
+        assert_eq!(pool.evict_idle(Duration::ZERO), 1);
+        assert_eq!(pool.evict_idle(Duration::ZERO), 0, "evicted once only");
+    }
+
+    #[tokio::test]
+    async fn a_request_waiting_for_its_body_is_evictable_and_then_stops() {
+        let pool = Arc::new(Pool::default());
+        let (slot, _r) = pool.register();
+        let handle = ConnectionSlot(slot.clone());
+        // Body arrives in time: the request is busy again and cannot be evicted.
+        let busy = slot.enter().unwrap();
+        let reading = handle.reading_body();
+        assert!(reading.finish());
+        assert_eq!(pool.evict_idle(Duration::ZERO), 0);
+        // A reader that gives up (timeout, client gone) leaves the request busy too.
+        drop(handle.reading_body());
+        assert_eq!(pool.evict_idle(Duration::ZERO), 0);
+        // Evicted while waiting for the body: the handler is told to stop.
+        let reading = handle.reading_body();
+        assert_eq!(pool.evict_idle(LONG), 0, "only after the idle threshold");
+        assert_eq!(pool.evict_idle(Duration::ZERO), 1);
+        assert!(!reading.finish());
+        drop(busy);
+        assert!(slot.enter().is_none());
+    }
+
+    #[tokio::test]
+    async fn registrations_deregister_on_drop() {
+        let pool = Arc::new(Pool::default());
+        let (_a, ra) = pool.register();
+        let (_b, rb) = pool.register();
+        assert_eq!(pool.len(), 2);
+        drop(ra);
+        drop(rb);
+        assert!(pool.is_empty());
+    }
+}

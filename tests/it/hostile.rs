@@ -1,0 +1,670 @@
+//! Hostile requests over a raw socket: every row is bytes on the wire, the answer
+//! expected (a status, several for pipelined requests, or a closed connection) and
+//! the metric that must move. No row may get a 5xx, and the relay must still relay a
+//! signed event afterwards.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::support::*;
+
+/// The body limit and timeouts of the relay under test, small so rows stay fast.
+const LIMIT: usize = 64 * 1024;
+const HEADER_TIMEOUT_MS: u64 = 1_000;
+const REQUEST_TIMEOUT_MS: u64 = 1_500;
+
+/// What a row expects back.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Answer {
+    /// One response with this status.
+    Status(u16),
+    /// Several responses on one connection, in order.
+    Statuses(Vec<u16>),
+    /// No response at all; the relay closes the connection.
+    Closed,
+}
+
+/// Which metric a row moves.
+#[derive(Debug, Clone)]
+pub enum Moves {
+    /// `hookrelay_webhooks_rejected_total{source,reason}` by one.
+    Rejected(&'static str, &'static str),
+    /// `hookrelay_signature_failures_total{source="patreon",reason}` by one.
+    Signature(&'static str),
+    /// `hookrelay_events_published_total{source="patreon"}` summed over events, by `n`.
+    Published(f64),
+    /// Nothing reaches the handler: hyper answers (or closes) on its own, and the
+    /// request-duration histogram does not move.
+    Nothing,
+}
+
+/// One hostile request.
+pub struct Row {
+    pub name: &'static str,
+    pub wire: Vec<u8>,
+    pub answer: Answer,
+    pub moves: Moves,
+}
+
+/// A signed delivery of `body` with trigger `event`: (signature, event).
+fn signature_for(body: &[u8]) -> String {
+    hookrelay::verify::patreon::sign(V2_SECRET.as_bytes(), body)
+}
+
+/// `POST path` with the given extra header lines, `Content-Length` and `Connection: close`.
+fn post_wire(path: &str, headers: &[String], body: &[u8]) -> Vec<u8> {
+    let mut out = format!("POST {path} HTTP/1.1\r\nhost: relay\r\ncontent-type: application/json\r\n");
+    for h in headers {
+        out.push_str(h);
+        out.push_str("\r\n");
+    }
+    out.push_str(&format!("content-length: {}\r\nconnection: close\r\n\r\n", body.len()));
+    let mut wire = out.into_bytes();
+    wire.extend_from_slice(body);
+    wire
+}
+
+fn signed_wire(path: &str, event: &str, body: &[u8]) -> Vec<u8> {
+    let sig = signature_for(body);
+    post_wire(path, &[format!("x-patreon-event: {event}"), format!("x-patreon-signature: {sig}")], body)
+}
+
+fn fresh_body() -> Vec<u8> {
+    format!(r#"{{"data":{{"id":"{}","type":"member"}}}}"#, unique("hostile")).into_bytes()
+}
+
+/// Drops `connection: close` from a head, so the connection would stay open.
+trait KeepOpen {
+    fn replace_connection_close(self) -> Vec<u8>;
+}
+
+impl KeepOpen for Vec<u8> {
+    fn replace_connection_close(self) -> Vec<u8> {
+        String::from_utf8(self).unwrap().replace("connection: close\r\n", "").into_bytes()
+    }
+}
+
+/// A head with raw bytes spliced in, for bytes `format!` cannot carry.
+fn raw_head(parts: &[&[u8]]) -> Vec<u8> {
+    parts.concat()
+}
+
+fn chunked_head(extra: &str) -> Vec<u8> {
+    format!(
+        "POST /webhooks/patreon HTTP/1.1\r\nhost: relay\r\nx-patreon-event: members:create\r\n\
+         x-patreon-signature: {}\r\ntransfer-encoding: chunked\r\nconnection: close\r\n{extra}\r\n",
+        "0".repeat(32)
+    )
+    .into_bytes()
+}
+
+fn chunks(total: usize, chunk: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut left = total;
+    while left > 0 {
+        let n = left.min(chunk);
+        out.extend_from_slice(format!("{n:x}\r\n").as_bytes());
+        out.extend(std::iter::repeat_n(b'a', n));
+        out.extend_from_slice(b"\r\n");
+        left -= n;
+    }
+    out
+}
+
+fn rows() -> Vec<Row> {
+    use Answer::*;
+    use Moves::*;
+    let ev = "x-patreon-event: members:create".to_owned();
+    let good_body = fresh_body();
+    let good_sig = format!("x-patreon-signature: {}", signature_for(&good_body));
+    let zeros = format!("x-patreon-signature: {}", "0".repeat(32));
+    let deep = |levels: usize| format!("{}{}", "[".repeat(levels), "]".repeat(levels)).into_bytes();
+    let pipelined = {
+        let (a, b) = (fresh_body(), fresh_body());
+        let mut wire = signed_wire("/webhooks/patreon", "members:create", &a);
+        // The first request must keep the connection open for the second one.
+        let at = wire.windows(19).position(|w| w == b"connection: close\r\n").unwrap();
+        wire.drain(at..at + 19);
+        wire.extend(signed_wire("/webhooks/patreon", "members:update", &b));
+        wire
+    };
+    let http10 = {
+        let body = fresh_body();
+        format!(
+            "POST /webhooks/patreon HTTP/1.0\r\nhost: relay\r\nx-patreon-event: members:create\r\n\
+             x-patreon-signature: {}\r\ncontent-length: {}\r\n\r\n",
+            signature_for(&body),
+            body.len()
+        )
+        .into_bytes()
+        .into_iter()
+        .chain(body)
+        .collect()
+    };
+    let many_headers: Vec<String> = (0..120).map(|i| format!("x-filler-{i}: {i}")).collect();
+
+    vec![
+        // --- signature and event headers -------------------------------------------
+        Row {
+            name: "missing signature",
+            wire: post_wire("/webhooks/patreon", std::slice::from_ref(&ev), &good_body),
+            answer: Status(401),
+            moves: Signature("missing"),
+        },
+        Row {
+            name: "non-hex signature",
+            wire: post_wire(
+                "/webhooks/patreon",
+                &[ev.clone(), format!("x-patreon-signature: {}", "z".repeat(32))],
+                &good_body,
+            ),
+            answer: Status(401),
+            moves: Signature("malformed"),
+        },
+        Row {
+            name: "signature one digit short",
+            wire: post_wire(
+                "/webhooks/patreon",
+                &[ev.clone(), format!("x-patreon-signature: {}", "a".repeat(31))],
+                &good_body,
+            ),
+            answer: Status(401),
+            moves: Signature("malformed"),
+        },
+        Row {
+            name: "signature twice as long (SHA-256 sized)",
+            wire: post_wire(
+                "/webhooks/patreon",
+                &[ev.clone(), format!("x-patreon-signature: {}", "a".repeat(64))],
+                &good_body,
+            ),
+            answer: Status(401),
+            moves: Signature("malformed"),
+        },
+        Row {
+            name: "well-formed but wrong signature",
+            wire: post_wire("/webhooks/patreon", &[ev.clone(), zeros.clone()], &good_body),
+            answer: Status(401),
+            moves: Signature("mismatch"),
+        },
+        Row {
+            name: "signature of invalid UTF-8 bytes",
+            wire: raw_head(&[
+                b"POST /webhooks/patreon HTTP/1.1\r\nhost: relay\r\nx-patreon-event: members:create\r\n",
+                b"x-patreon-signature: ",
+                &[0xff; 32],
+                b"\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}",
+            ]),
+            answer: Status(401),
+            moves: Signature("malformed"),
+        },
+        Row {
+            name: "signature duplicated (both valid)",
+            wire: post_wire("/webhooks/patreon", &[ev.clone(), good_sig.clone(), good_sig.clone()], &good_body),
+            answer: Status(401),
+            moves: Signature("malformed"),
+        },
+        Row {
+            name: "event header duplicated",
+            wire: post_wire(
+                "/webhooks/patreon",
+                &[ev.clone(), "x-patreon-event: members:delete".into(), good_sig.clone()],
+                &good_body,
+            ),
+            answer: Status(400),
+            moves: Rejected("patreon", "bad_event_header"),
+        },
+        Row {
+            name: "event header of invalid UTF-8",
+            wire: raw_head(&[
+                b"POST /webhooks/patreon HTTP/1.1\r\nhost: relay\r\nx-patreon-event: members:cr\xc3\x28ate\r\n",
+                good_sig.as_bytes(),
+                b"\r\n",
+                format!("content-length: {}\r\nconnection: close\r\n\r\n", good_body.len()).as_bytes(),
+                &good_body,
+            ]),
+            answer: Status(400),
+            moves: Rejected("patreon", "bad_event_header"),
+        },
+        Row {
+            name: "NUL byte in a header value",
+            wire: raw_head(&[
+                b"POST /webhooks/patreon HTTP/1.1\r\nhost: relay\r\nx-patreon-event: members\0create\r\n",
+                b"content-length: 2\r\nconnection: close\r\n\r\n{}",
+            ]),
+            answer: Status(400),
+            moves: Nothing,
+        },
+        Row {
+            name: "oversized header (70 KiB value)",
+            wire: post_wire("/webhooks/patreon", &[format!("x-junk: {}", "j".repeat(70 * 1024))], b"{}"),
+            answer: Status(431),
+            moves: Nothing,
+        },
+        Row {
+            name: "120 header fields",
+            wire: post_wire("/webhooks/patreon", &many_headers, b"{}"),
+            answer: Status(431),
+            moves: Nothing,
+        },
+        Row {
+            name: "obsolete line folding in a header",
+            wire: raw_head(&[
+                b"POST /webhooks/patreon HTTP/1.1\r\nhost: relay\r\nx-patreon-event: members:\r\n create\r\n",
+                b"content-length: 2\r\nconnection: close\r\n\r\n{}",
+            ]),
+            answer: Status(400),
+            moves: Nothing,
+        },
+        // --- bodies ----------------------------------------------------------------
+        Row {
+            name: "empty body, validly signed",
+            wire: post_wire(
+                "/webhooks/patreon",
+                &[ev.clone(), format!("x-patreon-signature: {}", signature_for(b""))],
+                b"",
+            ),
+            answer: Status(400),
+            moves: Rejected("patreon", "invalid_json"),
+        },
+        Row {
+            name: "empty body, unsigned",
+            wire: post_wire("/webhooks/patreon", std::slice::from_ref(&ev), b""),
+            answer: Status(401),
+            moves: Signature("missing"),
+        },
+        Row {
+            name: "Content-Length one byte over the limit",
+            wire: post_wire("/webhooks/patreon", &[ev.clone(), zeros.clone()], &vec![b' '; LIMIT + 1]),
+            answer: Status(413),
+            moves: Rejected("patreon", "body_too_large"),
+        },
+        Row {
+            name: "Content-Length far over the limit, no body sent",
+            wire: format!(
+                "POST /webhooks/patreon HTTP/1.1\r\nhost: relay\r\n{ev}\r\ncontent-length: 10737418240\r\n\r\n"
+            )
+            .into_bytes(),
+            answer: Status(413),
+            moves: Rejected("patreon", "body_too_large"),
+        },
+        Row {
+            name: "Expect: 100-continue over the limit (refused without reading)",
+            wire: format!(
+                "POST /webhooks/patreon HTTP/1.1\r\nhost: relay\r\n{ev}\r\nexpect: 100-continue\r\ncontent-length: {}\r\n\r\n",
+                LIMIT * 100
+            )
+            .into_bytes(),
+            answer: Status(413),
+            moves: Rejected("patreon", "body_too_large"),
+        },
+        Row {
+            name: "chunked, one byte over the limit",
+            wire: [chunked_head(""), chunks(LIMIT + 1, 8 * 1024), b"0\r\n\r\n".to_vec()].concat(),
+            answer: Status(413),
+            moves: Rejected("patreon", "body_too_large"),
+        },
+        Row {
+            name: "chunked, far over the limit",
+            wire: [chunked_head(""), chunks(LIMIT * 16, 64 * 1024), b"0\r\n\r\n".to_vec()].concat(),
+            answer: Status(413),
+            moves: Rejected("patreon", "body_too_large"),
+        },
+        Row {
+            name: "chunked body that never ends",
+            wire: [chunked_head(""), chunks(100, 100)].concat(),
+            answer: Status(408),
+            moves: Rejected("patreon", "timeout"),
+        },
+        Row {
+            name: "Content-Length body that never completes",
+            wire: format!(
+                "POST /webhooks/patreon HTTP/1.1\r\nhost: relay\r\n{ev}\r\ncontent-length: 100\r\n\r\n{{\"a\":"
+            )
+            .into_bytes(),
+            answer: Status(408),
+            moves: Rejected("patreon", "timeout"),
+        },
+        Row {
+            name: "absurd Content-Length (beyond u64)",
+            wire: format!(
+                "POST /webhooks/patreon HTTP/1.1\r\nhost: relay\r\n{ev}\r\ncontent-length: 99999999999999999999999999\r\n\r\n"
+            )
+            .into_bytes(),
+            answer: Status(400),
+            moves: Nothing,
+        },
+        Row {
+            name: "negative Content-Length",
+            wire: format!("POST /webhooks/patreon HTTP/1.1\r\nhost: relay\r\n{ev}\r\ncontent-length: -1\r\n\r\n")
+                .into_bytes(),
+            answer: Status(400),
+            moves: Nothing,
+        },
+        Row {
+            name: "two different Content-Lengths",
+            wire: format!(
+                "POST /webhooks/patreon HTTP/1.1\r\nhost: relay\r\n{ev}\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\n{{}}"
+            )
+            .into_bytes(),
+            answer: Status(400),
+            moves: Nothing,
+        },
+        Row {
+            // RFC 9112 6.3: chunked wins, Content-Length is dropped, and the connection
+            // closes after the answer, so the request hidden behind it is never read.
+            name: "Content-Length and chunked together, a request smuggled behind",
+            wire: [
+                chunked_head("content-length: 5\r\n").replace_connection_close(),
+                b"2\r\n{}\r\n0\r\n\r\n".to_vec(),
+                signed_wire("/webhooks/patreon", "members:create", &fresh_body()),
+            ]
+            .concat(),
+            answer: Status(401),
+            moves: Signature("mismatch"),
+        },
+        Row {
+            name: "deeply nested JSON (129 levels), validly signed",
+            wire: signed_wire("/webhooks/patreon", "members:create", &deep(129)),
+            answer: Status(400),
+            moves: Rejected("patreon", "invalid_json"),
+        },
+        Row {
+            name: "deeply nested JSON (30000 levels), validly signed",
+            wire: signed_wire("/webhooks/patreon", "members:create", &deep(30_000)),
+            answer: Status(400),
+            moves: Rejected("patreon", "invalid_json"),
+        },
+        Row {
+            // Valid JSON grammar; the relay checks syntax only and relays the bytes.
+            name: "number beyond f64, validly signed (relayed byte for byte)",
+            wire: signed_wire(
+                "/webhooks/patreon",
+                "members:create",
+                format!(r#"{{"data":{{"id":"{}","type":"x"}},"n":-1e999999}}"#, unique("huge")).as_bytes(),
+            ),
+            answer: Status(200),
+            moves: Published(1.0),
+        },
+        Row {
+            name: "300-digit integer, validly signed (relayed byte for byte)",
+            wire: signed_wire(
+                "/webhooks/patreon",
+                "members:create",
+                format!(r#"{{"data":{{"id":"{}","type":"x"}},"n":{}}}"#, unique("big"), "9".repeat(300)).as_bytes(),
+            ),
+            answer: Status(200),
+            moves: Published(1.0),
+        },
+        Row {
+            name: "duplicate JSON keys, validly signed (relayed byte for byte)",
+            wire: signed_wire(
+                "/webhooks/patreon",
+                "members:create",
+                format!(r#"{{"data":{{"id":"1","type":"a"}},"data":{{"id":"{}","type":"b"}}}}"#, unique("dup"))
+                    .as_bytes(),
+            ),
+            answer: Status(200),
+            moves: Published(1.0),
+        },
+        // --- paths -----------------------------------------------------------------
+        Row {
+            name: "path traversal /webhooks/../webhooks/patreon",
+            wire: post_wire("/webhooks/../webhooks/patreon", &[ev.clone(), good_sig.clone()], &good_body),
+            answer: Status(404),
+            moves: Rejected("_unknown", "unknown_source"),
+        },
+        Row {
+            name: "encoded slash /webhooks/patreon%2F..",
+            wire: post_wire("/webhooks/patreon%2F..", &[ev.clone(), good_sig.clone()], &good_body),
+            answer: Status(404),
+            moves: Rejected("_unknown", "unknown_source"),
+        },
+        Row {
+            name: "percent-encoded name /webhooks/%70atreon",
+            wire: post_wire("/webhooks/%70atreon", &[ev.clone(), good_sig.clone()], &good_body),
+            answer: Status(404),
+            moves: Rejected("_unknown", "unknown_source"),
+        },
+        Row {
+            name: "upper-case name /webhooks/PATREON",
+            wire: post_wire("/webhooks/PATREON", &[ev.clone(), good_sig.clone()], &good_body),
+            answer: Status(404),
+            moves: Rejected("_unknown", "unknown_source"),
+        },
+        Row {
+            name: "trailing slash /webhooks/patreon/",
+            wire: post_wire("/webhooks/patreon/", &[ev.clone(), good_sig.clone()], &good_body),
+            answer: Status(404),
+            moves: Rejected("_unknown", "unknown_source"),
+        },
+        Row {
+            name: "double leading slash //webhooks/patreon",
+            wire: post_wire("//webhooks/patreon", &[ev.clone(), good_sig.clone()], &good_body),
+            answer: Status(404),
+            moves: Rejected("_unknown", "not_found"),
+        },
+        Row {
+            name: "NUL byte in the path",
+            wire: raw_head(&[b"POST /webhooks/patreon\0 HTTP/1.1\r\nhost: relay\r\nconnection: close\r\n\r\n"]),
+            answer: Status(400),
+            moves: Nothing,
+        },
+        Row {
+            name: "invalid UTF-8 in the path",
+            wire: raw_head(&[b"POST /webhooks/patr\xc3\x28eon HTTP/1.1\r\nhost: relay\r\nconnection: close\r\n\r\n"]),
+            answer: Status(400),
+            moves: Nothing,
+        },
+        Row {
+            name: "query string on a signed delivery (ignored, relayed)",
+            wire: signed_wire("/webhooks/patreon?redeliver=1&x=%00", "members:create", &fresh_body()),
+            answer: Status(200),
+            moves: Published(1.0),
+        },
+        Row {
+            name: "lower-case method `post`",
+            wire: b"post /webhooks/patreon HTTP/1.1\r\nhost: relay\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                .to_vec(),
+            answer: Status(405),
+            moves: Rejected("patreon", "method_not_allowed"),
+        },
+        Row {
+            name: "garbage request line",
+            wire: b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 not http\r\n\r\n".to_vec(),
+            answer: Status(400),
+            moves: Nothing,
+        },
+        // --- protocol versions and framing ------------------------------------------
+        Row { name: "HTTP/1.0, validly signed", wire: http10, answer: Status(200), moves: Published(1.0) },
+        Row {
+            name: "two pipelined signed requests",
+            wire: pipelined,
+            answer: Statuses(vec![200, 200]),
+            moves: Published(2.0),
+        },
+        Row {
+            name: "HTTP/2 prior-knowledge preface (not served: closed)",
+            wire: [&b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..], &[0, 0, 0, 4, 0, 0, 0, 0, 0]].concat(),
+            answer: Closed,
+            moves: Nothing,
+        },
+        Row {
+            name: "h2c upgrade request (ignored, answered as HTTP/1.1)",
+            wire: post_wire(
+                "/webhooks/patreon",
+                &["upgrade: h2c".into(), "http2-settings: AAMAAABkAAQCAAAAAAIAAAAA".into(), ev.clone()],
+                b"{}",
+            ),
+            answer: Status(401),
+            moves: Signature("missing"),
+        },
+    ]
+}
+
+/// What came back on one connection.
+#[derive(Debug)]
+pub struct Exchange {
+    /// Status of every response seen, in order.
+    pub statuses: Vec<u16>,
+    /// The peer closed the connection (EOF or reset) within the deadline.
+    pub closed: bool,
+    /// When the connection closed (or the deadline passed), from the first write.
+    pub elapsed: Duration,
+    /// Everything read.
+    pub text: String,
+}
+
+/// Writes `wire` (ignoring write errors: the relay may refuse before reading it all)
+/// and reads until the relay closes the connection or `limit` passes.
+pub async fn exchange(addr: SocketAddr, wire: &[u8], limit: Duration) -> Exchange {
+    let started = Instant::now();
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let (mut reader, mut writer) = stream.split();
+    let write = async {
+        for part in wire.chunks(16 * 1024) {
+            if writer.write_all(part).await.is_err() {
+                break;
+            }
+        }
+    };
+    let mut out = Vec::new();
+    let read = async {
+        let mut buf = [0u8; 8192];
+        loop {
+            match reader.read(&mut buf).await {
+                Ok(0) | Err(_) => return true,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    let (_, closed) = tokio::join!(write, tokio::time::timeout(limit, read));
+    let closed = closed.unwrap_or(false);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let statuses = text
+        .match_indices("HTTP/1.")
+        .filter(|(at, _)| *at == 0 || text[..*at].ends_with('\n') || text[..*at].ends_with('}'))
+        .filter_map(|(at, _)| text.get(at + 9..at + 12)?.parse().ok())
+        .collect();
+    Exchange { statuses, closed, elapsed: started.elapsed(), text }
+}
+
+/// The relay's TOML with this module's limits.
+pub fn hostile_toml(exchange: &str) -> String {
+    relay_toml(exchange, &amqp_url(), "").replace(
+        "[http]\nlisten = \"127.0.0.1:0\"",
+        &format!(
+            "[http]\nlisten = \"127.0.0.1:0\"\nmax_body_bytes = {LIMIT}\nheader_read_timeout_ms = {HEADER_TIMEOUT_MS}\nrequest_timeout_ms = {REQUEST_TIMEOUT_MS}"
+        ),
+    )
+}
+
+/// Total answers the handler gave, over every status.
+async fn answered(relay: &Relay) -> f64 {
+    let (_, _, body) = get(relay.admin, "/metrics").await;
+    let text = String::from_utf8_lossy(&body);
+    text.lines()
+        .filter(|l| l.starts_with("hookrelay_request_duration_seconds_count"))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+async fn published(relay: &Relay) -> f64 {
+    let (_, _, body) = get(relay.admin, "/metrics").await;
+    let text = String::from_utf8_lossy(&body);
+    text.lines()
+        .filter(|l| l.starts_with("hookrelay_events_published_total{") && l.contains("source=\"patreon\""))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+async fn moved(relay: &Relay, moves: &Moves) -> f64 {
+    match moves {
+        Moves::Rejected(source, reason) => {
+            relay.metric("hookrelay_webhooks_rejected_total", &[("source", source), ("reason", reason)]).await
+        }
+        Moves::Signature(reason) => {
+            relay
+                .metric("hookrelay_signature_failures_total", &[("source", "patreon"), ("reason", reason)])
+                .await
+        }
+        Moves::Published(_) => published(relay).await,
+        Moves::Nothing => answered(relay).await,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_request_matrix() {
+    let exchange_name = unique("hr-test");
+    let relay = Relay::start_toml(exchange_name.clone(), &hostile_toml(&exchange_name), true).await;
+    let rows = rows();
+    assert!(rows.len() >= 30, "the matrix has {} rows", rows.len());
+    let mut failures = Vec::new();
+    for row in &rows {
+        let before = moved(&relay, &row.moves).await;
+        let limit = Duration::from_millis(REQUEST_TIMEOUT_MS + 3_000);
+        let got = exchange(relay.ingest, &row.wire, limit).await;
+        let answer = match got.statuses.as_slice() {
+            [] if got.closed => Answer::Closed,
+            [one] => Answer::Status(*one),
+            many => Answer::Statuses(many.to_vec()),
+        };
+        if answer != row.answer {
+            failures.push(format!(
+                "{}: expected {:?}, got {answer:?} (closed: {}) {:?}",
+                row.name,
+                row.answer,
+                got.closed,
+                &got.text[..got.text.len().min(300)]
+            ));
+            continue;
+        }
+        assert!(got.statuses.iter().all(|s| *s < 500), "{}: a 5xx: {}", row.name, got.text);
+        // Every answer that refuses without reading the body also ends the connection,
+        // and nothing hangs: the slowest row ends within the request timeout.
+        assert!(got.closed, "{}: the connection stayed open: {}", row.name, got.text);
+        assert!(got.elapsed < limit, "{}: took {:?}", row.name, got.elapsed);
+        let want = match &row.moves {
+            Moves::Published(n) => before + n,
+            Moves::Nothing => before,
+            _ => before + 1.0,
+        };
+        // Publishing is confirmed before the answer, so the counter is already there.
+        let after = moved(&relay, &row.moves).await;
+        if after != want {
+            failures.push(format!(
+                "{}: {:?} went from {before} to {after}, expected {want}",
+                row.name, row.moves
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} rows failed:\n{}",
+        failures.len(),
+        rows.len(),
+        failures.join("\n")
+    );
+
+    for status in ["500", "503"] {
+        let fives = relay.metric("hookrelay_request_duration_seconds_count", &[("status", status)]).await;
+        assert_eq!(fives, 0.0, "the relay answered {status}");
+    }
+    // Still alive and relaying after all of it.
+    let body = fresh_body();
+    let sig = signature_for(&body);
+    let (status, _, text) = post(
+        relay.ingest,
+        "/webhooks/patreon",
+        &[("X-Patreon-Event", "members:create"), ("X-Patreon-Signature", &sig)],
+        body,
+    )
+    .await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&text));
+    assert_eq!(relay.metric("hookrelay_inflight_requests", &[]).await, 0.0);
+    relay.stop_and_cleanup().await;
+}
