@@ -396,6 +396,11 @@ struct Core {
     appends: AtomicU64,
     cursor_writes: AtomicU64,
     corrupt: AtomicU64,
+    /// Tests hold this to stop the writer between receiving the first append
+    /// of a group and collecting the rest (deterministic grouping even where
+    /// fsync is free, e.g. tmpfs).
+    #[cfg(test)]
+    writer_gate: Mutex<()>,
 }
 
 impl Core {
@@ -499,6 +504,8 @@ impl Spool {
             appends: AtomicU64::new(0),
             cursor_writes: AtomicU64::new(0),
             corrupt: AtomicU64::new(report.corrupt_records_skipped),
+            #[cfg(test)]
+            writer_gate: Mutex::new(()),
         });
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let writer = Writer {
@@ -1206,6 +1213,8 @@ impl Writer {
     fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         let mut batch: Vec<PendingAppend> = Vec::new();
         while let Some(cmd) = rx.blocking_recv() {
+            #[cfg(test)]
+            drop(self.core.writer_gate.lock().unwrap_or_else(PoisonError::into_inner));
             let mut shutdown = None;
             let mut bytes = 0usize;
             match cmd {
@@ -1743,9 +1752,13 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[allow(clippy::await_holding_lock)] // the gate is held on purpose
     async fn concurrent_appends_share_fsyncs() {
         let tmp = TempDir::new("concurrent");
         let (spool, _) = Spool::open(tmp.path(), opts(1 << 30, 64 << 10)).await.unwrap();
+        // Hold the writer until every task's first append is queued, so at
+        // least one group has 100 records however fast fsync is here.
+        let gate = spool.inner.core.writer_gate.lock().unwrap();
         let mut tasks = Vec::new();
         for t in 0..100 {
             let spool = spool.clone();
@@ -1755,6 +1768,11 @@ mod tests {
                 }
             }));
         }
+        // The writer holds the first one, the channel the other 99.
+        while spool.inner.tx.capacity() > CHANNEL_CAPACITY - 99 {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        drop(gate);
         for t in tasks {
             t.await.unwrap();
         }
