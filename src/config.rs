@@ -762,4 +762,63 @@ mod tests {
         assert!(!shown.contains("guest:guest"), "{shown}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    #[test]
+    fn rate_limit_and_allowlist_are_off_by_default_and_validated() {
+        let cfg = load(Some(MINIMAL), &env(&[])).unwrap().validate().unwrap();
+        assert_eq!(cfg.sources[0].rate_limit, None);
+        assert!(cfg.sources[0].allowlist.allows_all());
+
+        let text = format!("{MINIMAL}rate_limit_per_sec = 5\nallowed_cidrs = [\"10.0.0.0/8\", \"::1\"]\n");
+        let cfg = load(Some(&text), &env(&[])).unwrap().validate().unwrap();
+        assert_eq!(cfg.sources[0].rate_limit, Some(RateLimit { per_sec: 5, burst: 5 }));
+        let shown: Vec<String> = cfg.sources[0].allowlist.networks().iter().map(|c| c.to_string()).collect();
+        assert_eq!(shown, ["10.0.0.0/8", "::1/128"]);
+
+        // From the environment: one comma-separated string.
+        let e = env(&[
+            ("HOOKRELAY_SOURCES__PATREON__RATE_LIMIT_PER_SEC", "2"),
+            ("HOOKRELAY_SOURCES__PATREON__RATE_LIMIT_BURST", "10"),
+            ("HOOKRELAY_SOURCES__PATREON__ALLOWED_CIDRS", "192.0.2.0/24, 2001:db8::/32"),
+        ]);
+        let cfg = load(Some(MINIMAL), &e).unwrap().validate().unwrap();
+        assert_eq!(cfg.sources[0].rate_limit, Some(RateLimit { per_sec: 2, burst: 10 }));
+        assert_eq!(cfg.sources[0].allowlist.networks().len(), 2);
+
+        for (extra, key) in [
+            ("rate_limit_burst = 3\n", "sources.patreon.rate_limit_burst"),
+            ("rate_limit_per_sec = 1\nrate_limit_burst = 0\n", "sources.patreon.rate_limit_burst"),
+            ("allowed_cidrs = [\"10.0.0.0/8\", \"10.0.0.1/8\"]\n", "sources.patreon.allowed_cidrs[1]"),
+            ("allowed_cidrs = [\"example.com\"]\n", "sources.patreon.allowed_cidrs[0]"),
+        ] {
+            let text = format!("{MINIMAL}{extra}");
+            let err = load(Some(&text), &env(&[])).unwrap().validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{extra}: {err}");
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_world_readable_secret_file_warns_without_the_secret() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("hookrelay-perm-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("secret");
+        std::fs::write(&path, "perm-secret-NOT-REAL\n").unwrap();
+        let text =
+            format!("[sources.patreon]\nkind = \"patreon\"\nsecret_files = [\"{}\"]\n", path.display());
+        for (mode, warns) in [(0o644, true), (0o604, true), (0o640, false), (0o600, false)] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let cfg = load(Some(&text), &env(&[])).unwrap().validate().unwrap();
+            assert_eq!(cfg.warnings.len(), usize::from(warns), "mode {mode:o}: {:?}", cfg.warnings);
+            for w in &cfg.warnings {
+                assert!(
+                    w.contains("sources.patreon.secret_files[0]") && w.contains("readable by every user"),
+                    "{w}"
+                );
+                assert!(!w.contains("perm-secret-NOT-REAL"), "{w}");
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -30,7 +30,7 @@ fuzz_target!(|data: &[u8]| {
     };
     // Secret files are read from disk; the fuzzer must not open arbitrary paths.
     for source in settings.sources.values_mut() {
-        source.secret_files.clear();
+        source.secret_files = Default::default();
     }
     // Secrets that can only have come from a secret position of the input: long,
     // written literally in quotes exactly once (or as a whole environment value), and

@@ -46,7 +46,8 @@ fuzz_target!(|data: &[u8]| {
             let marker = b"\"datacontenttype\":\"application/json\"";
             let start = env.body.windows(marker.len()).position(|w| w == marker).unwrap_or(0);
             let key = b"\"data\":";
-            let at = env.body[start..].windows(key.len()).position(|w| w == key).map(|p| start + p + key.len());
+            let at =
+                env.body[start..].windows(key.len()).position(|w| w == key).map(|p| start + p + key.len());
             let at = at.unwrap_or_else(|| panic!("no data member"));
             assert_eq!(&env.body[at..env.body.len() - 1], body, "data bytes differ from the body");
             assert_eq!(env.id, envelope::event_id(verified.trigger().as_str(), body));

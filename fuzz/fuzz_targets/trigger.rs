@@ -19,7 +19,9 @@ fuzz_target!(|data: &[u8]| {
     let words: Vec<&str> = name.split(':').collect();
     assert!((1..=8).contains(&words.len()));
     for w in &words {
-        assert!(!w.is_empty() && w.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'));
+        assert!(
+            !w.is_empty() && w.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        );
     }
     let dotted = trigger.dotted();
     assert_eq!(dotted.split('.').collect::<Vec<_>>(), words);

@@ -9,6 +9,9 @@ mod faults;
 mod process;
 mod proxy;
 
+mod abuse;
 mod hostile;
+mod limits;
 mod relay;
+mod secrets;
 mod statuses;
