@@ -137,6 +137,8 @@ impl Publisher for DurablePublisher {
 
 /// Publishes spooled events in spool order and removes each batch once confirmed.
 async fn drain(spool: Spool, amqp: AmqpPublisher, metrics: Metrics, mut shutdown: watch::Receiver<bool>) {
+    // Corrupt records found while reading count too (those found at open already did).
+    let mut corrupt_seen = spool.stats().corrupt_records_skipped;
     let depth = spool.depth();
     if depth.events > 0 {
         info!(
@@ -167,6 +169,11 @@ async fn drain(spool: Spool, amqp: AmqpPublisher, metrics: Metrics, mut shutdown
                 continue;
             }
         };
+        let corrupt = spool.stats().corrupt_records_skipped;
+        if corrupt > corrupt_seen {
+            metrics.spool_corrupt(corrupt - corrupt_seen);
+            corrupt_seen = corrupt;
+        }
         let mut envelopes = Vec::with_capacity(batch.len());
         for (_, record) in &batch {
             match envelope::parse(record.envelope.clone(), record.routing_key.clone()) {
