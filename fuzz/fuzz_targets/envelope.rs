@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 use hookrelay::envelope::{self, EnvelopeError, MAX_JSON_DEPTH};
 use hookrelay::verify::patreon::{PatreonVerifier, sign};
 use libfuzzer_sys::fuzz_target;
-use serde_json::de::IgnoredAny;
+use serde::de::IgnoredAny;
 
 const SECRET: &[u8] = b"fuzz-secret-NOT-REAL";
 
