@@ -34,11 +34,14 @@ fuzz_target!(|data: &[u8]| {
             if let Err(e) = serde_json::from_slice::<IgnoredAny>(&env.body) {
                 panic!("envelope is not JSON a consumer can parse: {e}");
             }
-            // Where every number fits, the whole envelope maps to a value, data included.
-            if let (Ok(value), Ok(data)) = (
-                serde_json::from_slice::<serde_json::Value>(&env.body),
-                serde_json::from_slice::<serde_json::Value>(body),
-            ) {
+            // Where the body maps to a value (every number fits an f64), so does the
+            // whole envelope, with that value as its data: a consumer using serde_json's
+            // defaults can read every envelope whose payload it could read.
+            if let Ok(data) = serde_json::from_slice::<serde_json::Value>(body) {
+                let value = match serde_json::from_slice::<serde_json::Value>(&env.body) {
+                    Ok(v) => v,
+                    Err(e) => panic!("the body parses into a Value but the envelope does not: {e}"),
+                };
                 assert_eq!(value["specversion"], "1.0");
                 assert_eq!(value["id"], env.id.as_str());
                 assert_eq!(value.get("data"), Some(&data));
