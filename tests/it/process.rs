@@ -133,7 +133,8 @@ async fn a_sigkilled_relay_drains_its_spool_after_restart() {
     let admin = second.admin;
     eventually("the restarted relay to connect", Duration::from_secs(20), || async move {
         let (_, _, text) = get(admin, "/metrics").await;
-        (metric_value(&String::from_utf8_lossy(&text), "hookrelay_broker_connected", &[]) == Some(1.0)).then_some(())
+        (metric_value(&String::from_utf8_lossy(&text), "hookrelay_broker_connected", &[]) == Some(1.0))
+            .then_some(())
     })
     .await;
     let conn = broker().await;
