@@ -405,7 +405,12 @@ async fn a_rejecting_consumer_sees_the_message_again_then_finds_it_parked_and_re
         .await
         .unwrap();
     assert_eq!(report.moved, 1);
-    assert_eq!(queue_depth(&admin_conn, &parked).await, 0);
+    eventually("the parked queue to be empty", Duration::from_secs(10), || {
+        let conn = &admin_conn;
+        let parked = parked.clone();
+        async move { (queue_depth(conn, &parked).await == 0).then_some(()) }
+    })
+    .await;
     let back = take_messages(&admin_conn, &relay.queue("patreon"), 1, Duration::from_secs(10)).await;
     assert_eq!(back[0].properties.message_id().as_ref().unwrap().as_str(), id);
     assert_eq!(back[0].routing_key.as_str(), "patreon.members.create");
