@@ -50,7 +50,7 @@ pub struct Row {
     pub moves: Moves,
 }
 
-/// A signed delivery of `body` with trigger `event`: (signature, event).
+/// The signature a Patreon delivery of `body` carries (secret of the v2 fixtures).
 fn signature_for(body: &[u8]) -> String {
     hookrelay::verify::patreon::sign(V2_SECRET.as_bytes(), body)
 }
@@ -635,6 +635,7 @@ async fn hostile_request_matrix() {
         };
         // Publishing is confirmed before the answer, so the counter is already there.
         let after = moved(&relay, &row.moves).await;
+        println!("{:<70} {:<20} {:?} in {:?}", row.name, format!("{answer:?}"), row.moves, got.elapsed);
         if after != want {
             failures.push(format!(
                 "{}: {:?} went from {before} to {after}, expected {want}",
