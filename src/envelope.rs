@@ -166,7 +166,14 @@ fn parse_subject(raw: &[u8]) -> Result<Option<String>, EnvelopeError> {
     if too_deep(raw, MAX_JSON_DEPTH) {
         return Err(EnvelopeError::TooDeep);
     }
-    let top: TopLevel = serde_json::from_slice(raw).map_err(|_| EnvelopeError::InvalidJson)?;
+    let top = match serde_json::from_slice::<TopLevel>(raw) {
+        Ok(top) => top,
+        // Valid JSON all the same when only the subject could not be decoded, e.g. a
+        // `data.id` number beyond f64 (syntax is all the relay checks elsewhere):
+        // relay it without a subject. Only this rare path parses twice.
+        Err(_) if serde_json::from_slice::<IgnoredAny>(raw).is_ok() => TopLevel(None),
+        Err(_) => return Err(EnvelopeError::InvalidJson),
+    };
     Ok(match top.0 {
         Some(DataRef { kind: Some(kind), id: Some(id) }) if !kind.is_empty() && !id.is_empty() => {
             Some(format!("{kind}/{id}"))
@@ -444,6 +451,26 @@ mod tests {
         assert!(build_for("posts:publish", ok.as_bytes()).is_ok());
         let in_string = format!("{{\"a\":\"{}\\\"\"}}", "[".repeat(1000));
         assert!(build_for("posts:publish", in_string.as_bytes()).is_ok());
+    }
+
+    /// Found by the envelope fuzz target: numbers beyond f64 are valid JSON wherever
+    /// they are, `data.id` included (they used to make the body "invalid").
+    #[test]
+    fn numbers_beyond_f64_are_relayed_even_in_data_id() {
+        let cases: [(&[u8], Option<&str>); 3] = [
+            (br#"{"data":{"id":1e999999,"type":"x"},"n":123456789012345678901234567890}"#, None),
+            (br#"{"data":{"id":"1","type":"x"},"n":-1e999999}"#, Some("x/1")),
+            (br#"{"data":{"type":-1e400,"id":"1"}}"#, None),
+        ];
+        for (body, subject) in cases {
+            let env = build_for("posts:publish", body).unwrap();
+            assert_eq!(env.subject.as_deref(), subject, "{}", String::from_utf8_lossy(body));
+            assert!(env.body.ends_with(&[body, b"}"].concat()));
+        }
+        assert!(matches!(
+            build_for("posts:publish", br#"{"data":{"id":1e}}"#),
+            Err(EnvelopeError::InvalidJson)
+        ));
     }
 
     #[test]

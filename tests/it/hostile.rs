@@ -391,6 +391,17 @@ fn rows() -> Vec<Row> {
             moves: Published(1.0),
         },
         Row {
+            // Found by the envelope fuzz target: used to be refused as invalid JSON.
+            name: "data.id beyond f64, validly signed (relayed without a subject)",
+            wire: signed_wire(
+                "/webhooks/patreon",
+                "members:create",
+                format!(r#"{{"data":{{"id":1e999999,"type":"x"}},"u":"{}"}}"#, unique("huge-id")).as_bytes(),
+            ),
+            answer: Status(200),
+            moves: Published(1.0),
+        },
+        Row {
             name: "300-digit integer, validly signed (relayed byte for byte)",
             wire: signed_wire(
                 "/webhooks/patreon",
