@@ -2118,16 +2118,19 @@ mod tests {
             let mut acked = HashSet::new();
             let mut removed = HashSet::new();
             let kill_after = 300 + round * 500;
+            let mut killed = false;
+            // Read to the end: lines the child wrote before it died still count
+            // (a removal announced there may be durable).
             for line in std::io::BufReader::new(stdout).lines() {
-                let line = line.unwrap();
+                let Ok(line) = line else { break };
                 if let Some(id) = line.strip_prefix("ACK ") {
                     acked.insert(id.to_string());
                 } else if let Some(id) = line.strip_prefix("DEL ") {
                     removed.insert(id.to_string());
                 }
-                if acked.len() >= kill_after {
+                if !killed && acked.len() >= kill_after {
                     child.kill().unwrap();
-                    break;
+                    killed = true;
                 }
             }
             child.wait().unwrap();
