@@ -341,6 +341,7 @@ pub fn load(file_toml: Option<&str>, env: &HashMap<String, String>) -> Result<Se
         .filter(|(k, _)| k.strip_prefix("HOOKRELAY_").is_some_and(|rest| rest.contains("__")))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
+    refuse_conflicting_variables(env.keys())?;
     let mut builder = config::Config::builder();
     if let Some(text) = file_toml {
         builder = builder.add_source(config::File::from_str(text, config::FileFormat::Toml));
@@ -354,6 +355,25 @@ pub fn load(file_toml: Option<&str>, env: &HashMap<String, String>) -> Result<Se
     );
     let raw = builder.build().map_err(|e| ConfigError::Load(e.to_string()))?;
     raw.try_deserialize::<Settings>().map_err(|e| ConfigError::Load(e.to_string()))
+}
+
+/// Refuses two variables that set the same key (names differ only in case) or a key
+/// and something inside it (`…__P` and `…__P__SECRETS`): which one wins would depend
+/// on hash order, so the same environment could give different settings (found by the
+/// config fuzz target). Names only in the message: values may be secrets.
+fn refuse_conflicting_variables<'a>(names: impl Iterator<Item = &'a String>) -> Result<(), ConfigError> {
+    let mut keys: Vec<(String, &String)> = names.map(|n| (n.to_lowercase(), n)).collect();
+    keys.sort();
+    for (i, (a, name_a)) in keys.iter().enumerate() {
+        for (b, name_b) in &keys[i + 1..] {
+            if a == b || b.strip_prefix(a.as_str()).is_some_and(|rest| rest.starts_with("__")) {
+                return Err(ConfigError::Load(format!(
+                    "environment variables {name_a} and {name_b} set the same setting; keep one"
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Reads the file named by `path` (if any) and loads settings with `env`.
@@ -795,6 +815,21 @@ mod tests {
             let err = load(Some(&text), &env(&[])).unwrap().validate().unwrap_err().to_string();
             assert!(err.contains(key), "{extra}: {err}");
         }
+    }
+
+    #[test]
+    fn conflicting_environment_variables_are_refused_by_name() {
+        for pair in [
+            [("HOOKRELAY_SOURCES__P", ""), ("HOOKRELAY_SOURCES__P__SECRETS", "env-secret-NOT-REAL")],
+            [("HOOKRELAY_HTTP__LISTEN", "127.0.0.1:1"), ("HOOKRELAY_http__listen", "127.0.0.1:2")],
+        ] {
+            let err = load(Some(MINIMAL), &env(&pair)).unwrap_err().to_string();
+            assert!(err.contains(pair[0].0) && err.contains(pair[1].0), "{err}");
+            assert!(!err.contains("NOT-REAL") && !err.contains("127.0.0.1"), "{err}");
+        }
+        // A common prefix alone is no conflict.
+        let e = env(&[("HOOKRELAY_SOURCES__P__KIND", "patreon"), ("HOOKRELAY_SOURCES__PA__KIND", "patreon")]);
+        assert!(load(Some(MINIMAL), &e).is_ok());
     }
 
     #[cfg(unix)]
