@@ -22,20 +22,23 @@ const FIXTURE: &str =
     concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/patreon/v2/members_pledge_delete.json");
 const EVENT: &[u8] = b"members:pledge:delete";
 
-/// The fixture padded with a trailing `"pad"` member to exactly `size` bytes (or the
-/// fixture itself when it is larger).
+/// A body of exactly `size` bytes: the fixture padded with a trailing `"pad"` member,
+/// or, below the fixture's size, its `data` reference padded the same way.
 fn body_of(size: usize) -> Vec<u8> {
-    let raw = std::fs::read(FIXTURE).unwrap_or_else(|e| panic!("reading {FIXTURE}: {e}"));
+    let fixture = std::fs::read(FIXTURE).unwrap_or_else(|e| panic!("reading {FIXTURE}: {e}"));
     let overhead = r#","pad":"""#.len();
-    if raw.len() + overhead > size {
-        return raw;
-    }
-    let close = raw.iter().rposition(|&b| b == b'}').expect("the fixture is a JSON object");
-    let mut out = raw[..close].to_vec();
+    let base = if fixture.len() + overhead <= size {
+        fixture
+    } else {
+        br#"{"data":{"id":"1f3e2a9c-7d41-4c55-9a0b-6e2f8d1c3b7a","type":"member"}}"#.to_vec()
+    };
+    assert!(base.len() + overhead <= size, "{size} bytes is too small for a body");
+    let close = base.iter().rposition(|&b| b == b'}').expect("the fixture is a JSON object");
+    let mut out = base[..close].to_vec();
     out.extend_from_slice(br#","pad":""#);
-    out.resize(out.len() + size - raw.len() - overhead, b'x');
+    out.resize(out.len() + size - base.len() - overhead, b'x');
     out.extend_from_slice(br#""}"#);
-    out.extend_from_slice(&raw[close + 1..]);
+    out.extend_from_slice(&base[close + 1..]);
     assert_eq!(out.len(), size);
     out
 }
