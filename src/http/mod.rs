@@ -152,6 +152,7 @@ pub async fn serve<H, Fut>(
         let conn = builder.serve_connection(TokioIo::new(stream), service);
         let watched = graceful.watch(conn);
         tokio::spawn(async move {
+            slot.started();
             tokio::select! {
                 result = watched => {
                     if let Err(error) = result {

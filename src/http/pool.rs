@@ -30,13 +30,19 @@ const EVICTED: u64 = 1 << 63;
 const READING: u64 = 1 << 62;
 /// The request count in [`Slot::state`].
 const BUSY: u64 = READING - 1;
+/// [`Slot::idle_since_ms`] of a connection whose task has not run yet: not evictable.
+/// On a starved machine an accepted connection may wait for its task with an honest
+/// head already in the socket; its idle clock starts when the task first runs (and
+/// on that first poll hyper reads the head, making the connection busy at once).
+const NOT_STARTED: u64 = u64::MAX;
 
 /// One connection's bookkeeping.
 #[derive(Debug)]
 pub struct Slot {
     /// `EVICTED` | `READING` | number of requests inside the handler.
     state: AtomicU64,
-    /// When the connection last became idle, in milliseconds since the pool's epoch.
+    /// When the connection last became idle, in milliseconds since the pool's epoch;
+    /// [`NOT_STARTED`] until its task first runs.
     idle_since_ms: AtomicU64,
     /// Wakes the connection task to close the connection.
     evict: Notify,
@@ -54,6 +60,16 @@ impl Slot {
         Some(BusyGuard { slot: self.clone() })
     }
 
+    /// Call when the connection's task first runs: starts its idle clock.
+    pub fn started(&self) {
+        let _ = self.idle_since_ms.compare_exchange(
+            NOT_STARTED,
+            self.now_ms(),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+    }
+
     fn now_ms(&self) -> u64 {
         millis_since(self.epoch, Instant::now())
     }
@@ -64,8 +80,8 @@ impl Slot {
     }
 
     fn try_evict(&self, now_ms: u64, min_idle_ms: u64) -> bool {
-        let idle_for = now_ms.saturating_sub(self.idle_since_ms.load(Ordering::Acquire));
-        if idle_for < min_idle_ms {
+        let since = self.idle_since_ms.load(Ordering::Acquire);
+        if since == NOT_STARTED || now_ms.saturating_sub(since) < min_idle_ms {
             return false;
         }
         // Only a slot that is idle (no request) or only waiting for a body, and not
@@ -158,13 +174,13 @@ impl Default for Pool {
 }
 
 impl Pool {
-    /// Registers a newly accepted connection; it is idle from now on. Dropping the
-    /// returned guard deregisters it.
+    /// Registers a newly accepted connection; it counts as idle once its task calls
+    /// [`Slot::started`]. Dropping the returned guard deregisters it.
     pub fn register(self: &Arc<Self>) -> (Arc<Slot>, Registration) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let slot = Arc::new(Slot {
             state: AtomicU64::new(0),
-            idle_since_ms: AtomicU64::new(millis_since(self.epoch, Instant::now())),
+            idle_since_ms: AtomicU64::new(NOT_STARTED),
             evict: Notify::new(),
             epoch: self.epoch,
         });
@@ -222,6 +238,9 @@ mod tests {
         let pool = Arc::new(Pool::default());
         let (idle, _r1) = pool.register();
         let (busy, _r2) = pool.register();
+        assert_eq!(pool.evict_idle(Duration::ZERO), 0, "tasks that have not run are never evicted");
+        idle.started();
+        busy.started();
         let guard = busy.enter().unwrap();
         assert_eq!(pool.evict_idle(LONG), 0, "nothing has been idle for an hour");
         assert_eq!(pool.evict_idle(Duration::ZERO), 1, "only the idle one, never the busy one");
@@ -239,6 +258,7 @@ mod tests {
     async fn a_request_waiting_for_its_body_is_evictable_and_then_stops() {
         let pool = Arc::new(Pool::default());
         let (slot, _r) = pool.register();
+        slot.started();
         let handle = ConnectionSlot(slot.clone());
         // Body arrives in time: the request is busy again and cannot be evicted.
         let busy = slot.enter().unwrap();
