@@ -170,12 +170,15 @@ fn parse_subject(raw: &[u8]) -> Result<Option<String>, EnvelopeError> {
     if too_deep(raw, MAX_JSON_DEPTH) {
         return Err(EnvelopeError::TooDeep);
     }
-    let top = match serde_json::from_slice::<TopLevel<'_>>(raw) {
+    // JSON text is UTF-8, and the parser does not check the strings it skips:
+    // check it here so that no consumer's strict parser can choke on the envelope.
+    let text = std::str::from_utf8(raw).map_err(|_| EnvelopeError::InvalidJson)?;
+    let top = match serde_json::from_str::<TopLevel<'_>>(text) {
         Ok(top) => top,
         // Valid JSON all the same when only the subject could not be decoded, e.g. a
         // `data.id` number beyond f64 (syntax is all the relay checks elsewhere):
         // relay it without a subject. Only this rare path parses twice.
-        Err(_) if serde_json::from_slice::<IgnoredAny>(raw).is_ok() => TopLevel(None),
+        Err(_) if serde_json::from_str::<IgnoredAny>(text).is_ok() => TopLevel(None),
         Err(_) => return Err(EnvelopeError::InvalidJson),
     };
     Ok(match top.0 {
@@ -494,7 +497,7 @@ mod tests {
 
     #[test]
     fn non_json_is_refused() {
-        for body in [&b""[..], b"{", b"not json", b"{\"a\":1} x", b"\xff"] {
+        for body in [&b""[..], b"{", b"not json", b"{\"a\":1} x", b"\xff", b"{\"a\":\"\xff\"}"] {
             assert!(matches!(build_for("posts:publish", body), Err(EnvelopeError::InvalidJson)));
         }
         let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));

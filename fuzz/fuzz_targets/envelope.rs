@@ -27,7 +27,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let now = SystemTime::UNIX_EPOCH + Duration::from_micros(1_764_374_400_123_456);
     // The relay checks JSON syntax only (numbers need not fit an f64), as IgnoredAny does.
-    let syntax_ok = serde_json::from_slice::<IgnoredAny>(body).is_ok();
+    let syntax_ok = std::str::from_utf8(body).is_ok() && serde_json::from_slice::<IgnoredAny>(body).is_ok();
     match envelope::build(&verified, "patreon", "/webhooks/patreon", now) {
         Ok(env) => {
             assert!(syntax_ok, "accepted a body that is not JSON");

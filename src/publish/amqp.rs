@@ -17,6 +17,7 @@ use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::uri::AMQPUri;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Event, ExchangeKind};
 use secrecy::ExposeSecret;
 use tokio::sync::watch;
@@ -40,6 +41,8 @@ pub const ROUTING_KEY_HEADER: &str = "x-hookrelay-routing-key";
 
 /// Longest the connect handshake may take before it counts as a failure.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Frame size asked of the broker unless the URL says otherwise (bytes).
+const DEFAULT_FRAME_MAX: u32 = 16 * 1024;
 /// How often the supervisor checks the connection besides its events.
 const LIVENESS_TICK: Duration = Duration::from_millis(250);
 
@@ -378,7 +381,8 @@ impl AmqpPublisher {
         deadline: Instant,
     ) -> Result<Delivered, PublishError> {
         let env = event.envelope;
-        let props = properties(env);
+        // Built once; later attempts (rare) build their own instead of cloning.
+        let mut first_props = Some(properties(env));
         let mut attempts: u32 = 0;
         let mut nacks: u32 = 0;
         loop {
@@ -389,7 +393,8 @@ impl AmqpPublisher {
                 body: &env.body,
                 message_id: &env.id,
             };
-            let failed = match self.attempt(event.source, msg, props.clone(), deadline).await {
+            let props = first_props.take().unwrap_or_else(|| properties(env));
+            let failed = match self.attempt(event.source, msg, props, deadline).await {
                 Ok(()) => return Ok(Delivered::Confirmed),
                 Err(failed) => failed,
             };
@@ -509,11 +514,18 @@ type Events = std::pin::Pin<Box<dyn futures_util::Stream<Item = Event> + Send>>;
 
 async fn connect(inner: &Inner) -> Result<(Arc<Link>, Events), String> {
     let props = ConnectionProperties::default().with_connection_name("hookrelay".into());
-    let conn =
-        tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(inner.cfg.url.expose_secret(), props))
-            .await
-            .map_err(|_| "connect timed out".to_owned())?
-            .map_err(|e| e.to_string())?;
+    let mut uri: AMQPUri =
+        inner.cfg.url.expose_secret().parse().map_err(|_| "invalid amqp.url".to_owned())?;
+    // lapin sizes its buffers from frame_max (32 frames each way): RabbitMQ's 128 KiB
+    // default costs 8 MiB per connection. Our messages fit 16 KiB frames; a URL's own
+    // `?frame_max=` still wins.
+    if uri.query.frame_max.is_none() {
+        uri.query.frame_max = Some(DEFAULT_FRAME_MAX);
+    }
+    let conn = tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect_uri(uri, props))
+        .await
+        .map_err(|_| "connect timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
     let events: Events = Box::pin(conn.events_listener());
     if inner.cfg.declare_topology {
         let ch = conn.create_channel().await.map_err(|e| e.to_string())?;
