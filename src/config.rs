@@ -53,7 +53,8 @@ pub struct HttpSettings {
     /// between requests on a kept-alive one (so it is also the idle timeout); then
     /// the connection is closed.
     pub header_read_timeout_ms: u64,
-    /// Time allowed for a whole request, body and publish included; then 408 or 503.
+    /// Time a client has to send the whole request body; then 408. The publish has its
+    /// own deadline (`amqp.publish_timeout_ms`).
     pub request_timeout_ms: u64,
     /// Connections served at once. When all are taken, connections that are not
     /// inside a request (idle, or still trickling a head) are closed to make room;
