@@ -7,9 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use lapin::options::{BasicConsumeOptions, BasicNackOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{BasicConsumeOptions, BasicNackOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, options::BasicPublishOptions};
 use serde_json::Value;
 use tokio::time::Instant;
 
@@ -238,33 +237,7 @@ async fn refused_events_are_dead_lettered_with_their_reason() {
     let relay = Relay::start().await;
     let conn = broker().await;
     let ch = conn.create_channel().await.unwrap();
-    let full = format!("{}.full", relay.exchange);
-    let mut args = FieldTable::default();
-    args.insert("x-max-length".into(), AMQPValue::LongInt(1));
-    args.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
-    ch.queue_declare(full.as_str().into(), QueueDeclareOptions { durable: true, ..Default::default() }, args)
-        .await
-        .unwrap();
-    ch.queue_bind(
-        full.as_str().into(),
-        relay.exchange.as_str().into(),
-        "patreon.#".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-    ch.basic_publish(
-        "".into(),
-        full.as_str().into(),
-        BasicPublishOptions::default(),
-        b"filler",
-        BasicProperties::default(),
-    )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
+    let full = full_queue(&conn, &relay.exchange).await;
     let (status, id) = send_one(&relay, 1).await;
     assert_eq!(status, 200, "a dead-lettered event is durable");
     let got = take_messages(&conn, &format!("{}.dead", relay.exchange), 1, Duration::from_secs(10)).await;

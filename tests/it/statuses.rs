@@ -3,9 +3,7 @@
 
 use std::time::Duration;
 
-use lapin::BasicProperties;
-use lapin::options::{BasicPublishOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -230,33 +228,7 @@ async fn nacked_without_dead_letter_exchange_is_503() {
     let relay = Relay::start_toml(exchange.clone(), &toml, true).await;
     let conn = broker().await;
     let ch = conn.create_channel().await.unwrap();
-    let full = format!("{exchange}.full");
-    let mut args = FieldTable::default();
-    args.insert("x-max-length".into(), AMQPValue::LongInt(1));
-    args.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
-    ch.queue_declare(full.as_str().into(), QueueDeclareOptions { durable: true, ..Default::default() }, args)
-        .await
-        .unwrap();
-    ch.queue_bind(
-        full.as_str().into(),
-        exchange.as_str().into(),
-        "patreon.#".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-    ch.basic_publish(
-        "".into(),
-        full.as_str().into(),
-        BasicPublishOptions::default(),
-        b"filler",
-        BasicProperties::default(),
-    )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
+    let full = full_queue(&conn, &exchange).await;
     let (body, event, sig) = signed("members:create");
     let (status, headers, _) = post(
         relay.ingest,

@@ -420,6 +420,32 @@ pub async fn take_messages(
     out
 }
 
+/// Declares `{exchange}.full` (one message at most, `reject-publish`), binds it to
+/// every `patreon.#` event and fills it, so the broker nacks every such publish.
+/// Returns its name; the caller deletes it.
+pub async fn full_queue(conn: &Connection, exchange: &str) -> String {
+    use lapin::options::{BasicPublishOptions, QueueBindOptions, QueueDeclareOptions};
+    use lapin::types::{AMQPValue, FieldTable};
+    let ch = conn.create_channel().await.unwrap();
+    let full = format!("{exchange}.full");
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongInt(1));
+    args.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
+    let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+    ch.queue_declare(full.as_str().into(), durable, args).await.unwrap();
+    let bind = QueueBindOptions::default();
+    ch.queue_bind(full.as_str().into(), exchange.into(), "patreon.#".into(), bind, FieldTable::default())
+        .await
+        .unwrap();
+    let filler = lapin::BasicProperties::default();
+    ch.basic_publish("".into(), full.as_str().into(), BasicPublishOptions::default(), b"filler", filler)
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    full
+}
+
 /// Messages in a queue right now.
 pub async fn queue_depth(conn: &Connection, queue: &str) -> u32 {
     let ch = conn.create_channel().await.unwrap();
