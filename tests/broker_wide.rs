@@ -11,7 +11,6 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::Value;
 use support::*;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
@@ -31,20 +30,6 @@ impl Drop for WatermarkGuard {
     fn drop(&mut self) {
         let _ = Command::new("rabbitmqctl").args(["set_vm_memory_high_watermark", "0.4"]).output();
     }
-}
-
-async fn send(relay: &Relay, n: u64) -> (u16, Option<String>) {
-    let body = format!(r#"{{"data":{{"id":"{}","type":"member"}},"n":{n}}}"#, unique("m")).into_bytes();
-    let sig = hookrelay::verify::patreon::sign(V2_SECRET.as_bytes(), &body);
-    let (status, _, answer) = post(
-        relay.ingest,
-        "/webhooks/patreon",
-        &[("X-Patreon-Event", "members:create"), ("X-Patreon-Signature", &sig)],
-        body,
-    )
-    .await;
-    let id = serde_json::from_slice::<Value>(&answer).ok().and_then(|v| v["id"].as_str().map(str::to_owned));
-    (status, id)
 }
 
 async fn metric_is(relay: &Relay, name: &str, want: f64, limit: Duration) {
@@ -73,7 +58,7 @@ async fn closing_every_broker_connection_mid_stream_loses_nothing() {
         senders.push(tokio::spawn(async move {
             let mut ok = Vec::new();
             for i in 0..100u64 {
-                if let (200, Some(id)) = send(&relay, s * 1000 + i).await {
+                if let (200, Some(id)) = post_signed(relay.ingest, s * 1000 + i).await {
                     ok.push(id);
                 }
             }
@@ -133,16 +118,16 @@ async fn a_memory_alarm_blocks_publishing_without_hanging_requests() {
     rabbitmqctl(&["set_vm_memory_high_watermark", "absolute", "1"]);
     // The broker announces the block once a connection publishes.
     let started = Instant::now();
-    let (status, _) = send(&without_spool, 1).await;
+    let (status, _) = post_signed(without_spool.ingest, 1).await;
     assert_eq!(status, 503, "no spool: the deadline answers, the request does not hang");
     assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
     metric_is(&without_spool, "hookrelay_broker_blocked", 1.0, Duration::from_secs(10)).await;
-    let (status, _) = send(&with_spool, 2).await;
+    let (status, _) = post_signed(with_spool.ingest, 2).await;
     assert_eq!(status, 200);
     metric_is(&with_spool, "hookrelay_broker_blocked", 1.0, Duration::from_secs(10)).await;
     // Once blocked is known, the spool answers at once.
     let started = Instant::now();
-    let (status, id) = send(&with_spool, 3).await;
+    let (status, id) = post_signed(with_spool.ingest, 3).await;
     assert_eq!(status, 200);
     assert!(
         started.elapsed() < Duration::from_millis(2500),

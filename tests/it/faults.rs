@@ -9,34 +9,10 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicNackOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use serde_json::Value;
 use tokio::time::Instant;
 
 use crate::proxy::{FaultProxy, Mode};
 use crate::support::*;
-
-fn signed(n: u64) -> (Vec<u8>, String) {
-    let body = format!(r#"{{"data":{{"id":"{}","type":"member"}},"seq":{n}}}"#, unique("m")).into_bytes();
-    let sig = hookrelay::verify::patreon::sign(V2_SECRET.as_bytes(), &body);
-    (body, sig)
-}
-
-/// Posts one signed event; returns its id when answered 200.
-async fn send_one(relay: &Relay, n: u64) -> (u16, Option<String>) {
-    let (body, sig) = signed(n);
-    let (status, _, answer) = post(
-        relay.ingest,
-        "/webhooks/patreon",
-        &[("X-Patreon-Event", "members:create"), ("X-Patreon-Signature", &sig)],
-        body,
-    )
-    .await;
-    let id = (status == 200)
-        .then(|| serde_json::from_slice::<Value>(&answer).ok())
-        .flatten()
-        .and_then(|v| v["id"].as_str().map(str::to_owned));
-    (status, id)
-}
 
 async fn broker_addr() -> std::net::SocketAddr {
     "127.0.0.1:5672".parse().unwrap()
@@ -114,7 +90,7 @@ async fn a_stream_through_repeated_connection_drops_loses_nothing() {
             let mut ok = Vec::new();
             let mut other = 0;
             for i in 0..50u64 {
-                match send_one(&relay, s * 1000 + i).await {
+                match post_signed(relay.ingest, s * 1000 + i).await {
                     (200, Some(id)) => ok.push(id),
                     _ => other += 1,
                 }
@@ -171,7 +147,7 @@ async fn a_broker_outage_is_spooled_then_drained_in_order() {
     let started = Instant::now();
     let mut ids = Vec::new();
     for n in 0..40 {
-        let (status, id) = send_one(&relay, n).await;
+        let (status, id) = post_signed(relay.ingest, n).await;
         assert_eq!(status, 200);
         ids.push(id.unwrap());
     }
@@ -203,7 +179,7 @@ async fn a_blackholed_broker_times_out_into_the_spool() {
     .await;
     proxy.set(Mode::Blackhole);
     let started = Instant::now();
-    let (status, id) = send_one(&relay, 1).await;
+    let (status, id) = post_signed(relay.ingest, 1).await;
     assert_eq!(status, 200);
     // The publish deadline (3 s in tests) bounds the wait, then the spool answers.
     assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
@@ -238,7 +214,7 @@ async fn refused_events_are_dead_lettered_with_their_reason() {
     let conn = broker().await;
     let ch = conn.create_channel().await.unwrap();
     let full = full_queue(&conn, &relay.exchange).await;
-    let (status, id) = send_one(&relay, 1).await;
+    let (status, id) = post_signed(relay.ingest, 1).await;
     assert_eq!(status, 200, "a dead-lettered event is durable");
     let got = take_messages(&conn, &format!("{}.dead", relay.exchange), 1, Duration::from_secs(10)).await;
     assert_eq!(got.len(), 1);
@@ -269,7 +245,7 @@ async fn unrouted_events_are_kept_in_the_unrouted_queue() {
     )
     .await
     .unwrap();
-    let (status, id) = send_one(&relay, 1).await;
+    let (status, id) = post_signed(relay.ingest, 1).await;
     assert_eq!(status, 200);
     // The relay sees unrouted events by reading the unrouted queue's depth.
     let admin = relay.admin;
@@ -301,7 +277,7 @@ async fn returned_events_are_dead_lettered_when_the_alternate_exchange_is_gone()
     ch.exchange_delete(format!("{}.unrouted", relay.exchange).as_str().into(), Default::default())
         .await
         .unwrap();
-    let (status, id) = send_one(&relay, 1).await;
+    let (status, id) = post_signed(relay.ingest, 1).await;
     assert_eq!(status, 200);
     let got = take_messages(&conn, &format!("{}.dead", relay.exchange), 1, Duration::from_secs(10)).await;
     assert_eq!(got[0].properties.message_id().as_ref().unwrap().as_str(), id.unwrap());
@@ -323,7 +299,7 @@ async fn a_rejecting_consumer_sees_the_message_again_then_finds_it_parked_and_re
         ..RelayOptions::default()
     })
     .await;
-    let (status, id) = send_one(&relay, 1).await;
+    let (status, id) = post_signed(relay.ingest, 1).await;
     assert_eq!(status, 200);
     let id = id.unwrap();
     let conn = broker().await;

@@ -94,20 +94,6 @@ impl Drop for Proc {
     }
 }
 
-async fn post_signed(ingest: SocketAddr, n: u64) -> (u16, Option<String>) {
-    let body = format!(r#"{{"data":{{"id":"{}","type":"member"}},"n":{n}}}"#, unique("m")).into_bytes();
-    let sig = hookrelay::verify::patreon::sign(V2_SECRET.as_bytes(), &body);
-    let (status, _, answer) = post(
-        ingest,
-        "/webhooks/patreon",
-        &[("X-Patreon-Event", "members:create"), ("X-Patreon-Signature", &sig)],
-        body,
-    )
-    .await;
-    let id = serde_json::from_slice::<Value>(&answer).ok().and_then(|v| v["id"].as_str().map(str::to_owned));
-    (status, id)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sigkilled_relay_drains_its_spool_after_restart() {
     let dir = temp_dir("hr-proc");

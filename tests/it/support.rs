@@ -390,6 +390,20 @@ pub async fn post(addr: SocketAddr, path: &str, headers: &[(&str, &str)], body: 
     send(addr, req.body(Full::new(Bytes::from(body))).unwrap()).await
 }
 
+/// Posts a new signed `members:create` event (unique body, V2 secret) to
+/// `/webhooks/patreon`; returns the status and, on 200, the event id.
+pub async fn post_signed(addr: SocketAddr, n: u64) -> (u16, Option<String>) {
+    let body = format!(r#"{{"data":{{"id":"{}","type":"member"}},"n":{n}}}"#, unique("m")).into_bytes();
+    let sig = hookrelay::verify::patreon::sign(V2_SECRET.as_bytes(), &body);
+    let headers = [("X-Patreon-Event", "members:create"), ("X-Patreon-Signature", sig.as_str())];
+    let (status, _, answer) = post(addr, "/webhooks/patreon", &headers, body).await;
+    let id = (status == 200)
+        .then(|| serde_json::from_slice::<Value>(&answer).ok())
+        .flatten()
+        .and_then(|v| v["id"].as_str().map(str::to_owned));
+    (status, id)
+}
+
 /// Any method.
 pub async fn request(addr: SocketAddr, method: &str, path: &str) -> Response {
     let req = Request::builder()
