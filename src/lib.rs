@@ -4,6 +4,7 @@
 //! This file is the composition root: the only place that names concrete types and
 //! wires them together. Everything else depends on traits and plain data.
 
+pub mod allowlist;
 pub mod config;
 pub mod envelope;
 pub mod http;

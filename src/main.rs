@@ -123,8 +123,10 @@ fn real_main() -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Topology { action: TopologyAction::Export { vhost } } => {
-            let config = config::load_from(cli.config.as_deref(), &env)?.validate()?;
-            let defs = hookrelay::topology_for(&config).to_definitions(&vhost);
+            // Only what the topology depends on: no secret, no broker URL.
+            let config = config::load_from(cli.config.as_deref(), &env)?.validate_topology()?;
+            let sources = config.sources.iter().map(String::as_str);
+            let defs = hookrelay::publish::topology::topology(&config.amqp, sources).to_definitions(&vhost);
             println!("{}", serde_json::to_string_pretty(&defs).context("encoding definitions")?);
             Ok(ExitCode::SUCCESS)
         }

@@ -22,7 +22,6 @@
 //!   honest senders waiting in the backlog.
 
 pub mod admin;
-pub mod allowlist;
 pub mod ingest;
 pub mod pool;
 pub mod ratelimit;

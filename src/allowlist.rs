@@ -4,6 +4,9 @@
 //! The peer is the address that opened the connection. `X-Forwarded-For` and similar
 //! headers are never consulted: anyone can write them. Behind a proxy every request
 //! comes from the proxy, so there the allowlist belongs in the proxy.
+//!
+//! A neutral module: `config` parses the lists, `http` matches peers against them,
+//! and neither has to import the other for it.
 
 use std::fmt;
 use std::net::IpAddr;

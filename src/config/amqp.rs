@@ -1,0 +1,145 @@
+//! The `[amqp]` section: the broker connection, the publish policy and the exchange
+//! names the topology is built from, with their validation.
+
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+use super::{ConfigError, invalid, positive, positive_ms};
+
+/// `[amqp]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AmqpSettings {
+    /// Broker URL (`amqp://user:password@host:port/vhost`); treated as a secret.
+    pub url: SecretString,
+    /// Durable topic exchange events are published to.
+    pub exchange: String,
+    /// Alternate exchange that keeps messages no binding routes; empty disables it.
+    /// Defaults to `{exchange}.unrouted`.
+    pub unrouted_exchange: Option<String>,
+    /// Dead-letter exchange for messages the broker refuses; empty disables it.
+    /// Defaults to `{exchange}.dead`.
+    pub dead_letter_exchange: Option<String>,
+    /// Confirm-mode channels shared by all requests.
+    pub channels: usize,
+    /// Time the broker has to confirm one event before the relay spools it or answers 503.
+    pub publish_timeout_ms: u64,
+    /// Times a nacked event is published again before it is dead-lettered.
+    pub max_publish_attempts: u32,
+    /// First reconnect delay; doubles per failure up to `reconnect_max_ms`, with jitter.
+    pub reconnect_initial_ms: u64,
+    /// Longest reconnect delay.
+    pub reconnect_max_ms: u64,
+    /// Declare the exchanges and queues at start-up.
+    pub declare_topology: bool,
+    /// Delays of the consumer retry path, one TTL queue each.
+    pub retry_delays_ms: Vec<u64>,
+    /// Deliveries of one message to consumers before it is parked.
+    pub delivery_limit: u32,
+}
+
+impl Default for AmqpSettings {
+    fn default() -> Self {
+        AmqpSettings {
+            url: SecretString::from("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            exchange: "hookrelay".into(),
+            unrouted_exchange: None,
+            dead_letter_exchange: None,
+            channels: 4,
+            publish_timeout_ms: 5_000,
+            max_publish_attempts: 3,
+            reconnect_initial_ms: 100,
+            reconnect_max_ms: 10_000,
+            declare_topology: true,
+            retry_delays_ms: vec![10_000, 60_000, 600_000],
+            delivery_limit: 5,
+        }
+    }
+}
+
+/// Broker settings after validation.
+#[derive(Debug, Clone)]
+pub struct AmqpConfig {
+    /// Broker URL (secret: may hold a password).
+    pub url: SecretString,
+    /// Main exchange.
+    pub exchange: String,
+    /// Alternate exchange, if any.
+    pub unrouted_exchange: Option<String>,
+    /// Dead-letter exchange, if any.
+    pub dead_letter_exchange: Option<String>,
+    /// Channel pool size.
+    pub channels: usize,
+    /// Confirm deadline per event.
+    pub publish_timeout: Duration,
+    /// Publish attempts before dead-lettering.
+    pub max_publish_attempts: u32,
+    /// First reconnect delay.
+    pub reconnect_initial: Duration,
+    /// Longest reconnect delay.
+    pub reconnect_max: Duration,
+    /// Declare topology at start-up.
+    pub declare_topology: bool,
+    /// Consumer retry delays.
+    pub retry_delays: Vec<Duration>,
+    /// Deliveries before parking.
+    pub delivery_limit: u32,
+}
+
+const EXCHANGE_RULE: &str = "use 1-200 characters of [A-Za-z0-9._:-]";
+
+fn valid_exchange(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 200
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+impl AmqpSettings {
+    /// The whole section, the URL first.
+    pub(super) fn validate(self) -> Result<AmqpConfig, ConfigError> {
+        if self.url.expose_secret().parse::<lapin::uri::AMQPUri>().is_err() {
+            // The URL may hold a password: never echo it.
+            return Err(invalid(
+                "amqp.url",
+                "not a valid AMQP URL (expected amqp://user:password@host:port/vhost)",
+            ));
+        }
+        self.validate_topology()
+    }
+
+    /// Everything but the URL, which is carried unchecked: enough to describe the
+    /// topology without a broker.
+    pub(super) fn validate_topology(self) -> Result<AmqpConfig, ConfigError> {
+        if !valid_exchange(&self.exchange) {
+            return Err(invalid("amqp.exchange", EXCHANGE_RULE));
+        }
+        // Unset: derived from the main exchange; empty: disabled.
+        let derived = |key: &str, given: Option<String>, suffix: &str| match given {
+            None => Ok(Some(format!("{}.{suffix}", self.exchange))),
+            Some(s) if s.is_empty() => Ok(None),
+            Some(s) if valid_exchange(&s) => Ok(Some(s)),
+            Some(_) => Err(invalid(key, EXCHANGE_RULE)),
+        };
+        let config = AmqpConfig {
+            unrouted_exchange: derived("amqp.unrouted_exchange", self.unrouted_exchange, "unrouted")?,
+            dead_letter_exchange: derived("amqp.dead_letter_exchange", self.dead_letter_exchange, "dead")?,
+            channels: positive("amqp.channels", self.channels as u64)? as usize,
+            publish_timeout: positive_ms("amqp.publish_timeout_ms", self.publish_timeout_ms)?,
+            max_publish_attempts: positive("amqp.max_publish_attempts", u64::from(self.max_publish_attempts))?
+                as u32,
+            reconnect_initial: positive_ms("amqp.reconnect_initial_ms", self.reconnect_initial_ms)?,
+            reconnect_max: positive_ms("amqp.reconnect_max_ms", self.reconnect_max_ms)?,
+            declare_topology: self.declare_topology,
+            retry_delays: self.retry_delays_ms.iter().map(|&ms| Duration::from_millis(ms)).collect(),
+            delivery_limit: positive("amqp.delivery_limit", u64::from(self.delivery_limit))? as u32,
+            url: self.url,
+            exchange: self.exchange,
+        };
+        if self.retry_delays_ms.contains(&0) {
+            return Err(invalid("amqp.retry_delays_ms", "delays must be greater than zero"));
+        }
+        Ok(config)
+    }
+}

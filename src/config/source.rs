@@ -1,0 +1,301 @@
+//! The `[sources.<name>]` sections: each source's kind, secrets (inline or from
+//! files), rate limit and allowlist, validated into a [`SourceConfig`].
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+use super::{ConfigError, OneOrMany, invalid};
+use crate::allowlist::{Allowlist, Cidr};
+use crate::verify::patreon::PatreonVerifier;
+
+/// The kinds of source the relay can verify.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    /// Patreon: HMAC-MD5 in `X-Patreon-Signature`.
+    Patreon,
+}
+
+/// `[sources.<name>]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSettings {
+    /// The signature scheme: `patreon`.
+    pub kind: SourceKind,
+    /// Secrets that may sign, inline (any of them verifies a delivery).
+    #[serde(default)]
+    pub secrets: OneOrMany<SecretString>,
+    /// Files holding one secret each (trailing newline ignored); a list or one path.
+    #[serde(default)]
+    pub secret_files: OneOrMany<PathBuf>,
+    /// CloudEvents `source` attribute; defaults to `/webhooks/{name}`.
+    #[serde(default)]
+    pub cloudevents_source: Option<String>,
+    /// Requests per second this source accepts before answering 429 with `Retry-After`;
+    /// `0` (the default) turns the limit off. Checked before the body is read or the
+    /// signature computed, so a flood is refused cheaply (and forged requests use the
+    /// budget up too: pair it with `allowed_cidrs`).
+    #[serde(default)]
+    pub rate_limit_per_sec: u32,
+    /// Requests accepted at once above the steady rate (the token bucket's size, in
+    /// requests); defaults to `rate_limit_per_sec`. Needs `rate_limit_per_sec`.
+    #[serde(default)]
+    pub rate_limit_burst: Option<u32>,
+    /// Client networks that may post to this source, as CIDRs (`10.0.0.0/8`,
+    /// `2001:db8::/32`) or single addresses; from the environment, one comma-separated
+    /// string. Empty (the default) allows every address. Matched against the TCP peer
+    /// address before anything else is done (403); `X-Forwarded-For` is never trusted.
+    #[serde(default)]
+    pub allowed_cidrs: OneOrMany<String>,
+}
+
+/// One validated source.
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    /// Name: the path segment and routing-key prefix.
+    pub name: String,
+    /// Signature scheme.
+    pub kind: SourceKind,
+    /// CloudEvents `source`.
+    pub cloudevents_source: String,
+    /// Keyed verifier holding the secrets (redacted `Debug`).
+    pub verifier: PatreonVerifier,
+    /// Per-source rate limit; `None` when off.
+    pub rate_limit: Option<RateLimit>,
+    /// Networks allowed to post; empty allows every address.
+    pub allowlist: Allowlist,
+}
+
+/// A token bucket: `burst` requests at once, refilled at `per_sec` a second.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Steady rate, requests per second (at least 1).
+    pub per_sec: u32,
+    /// Bucket size, requests (at least 1).
+    pub burst: u32,
+}
+
+/// A name usable in a path, a routing key, a queue name and a metric label.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+/// The source names, checked: at least one, each usable everywhere a name goes.
+pub(super) fn validate_names(sources: &BTreeMap<String, SourceSettings>) -> Result<Vec<String>, ConfigError> {
+    if sources.is_empty() {
+        return Err(no_sources());
+    }
+    sources.keys().map(|name| check_name(name).map(|()| name.clone())).collect()
+}
+
+fn no_sources() -> ConfigError {
+    invalid("sources", "configure at least one source, e.g. [sources.patreon] kind = \"patreon\"")
+}
+
+fn check_name(name: &str) -> Result<(), ConfigError> {
+    if valid_name(name) {
+        Ok(())
+    } else {
+        Err(invalid(format!("sources.{name}"), "source names use 1-64 characters of [a-z0-9_-]"))
+    }
+}
+
+/// Every source, in name order; non-fatal findings go to `warnings`.
+pub(super) fn validate_all(
+    sources: BTreeMap<String, SourceSettings>,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<SourceConfig>, ConfigError> {
+    if sources.is_empty() {
+        return Err(no_sources());
+    }
+    sources.into_iter().map(|(name, settings)| settings.validate(name, warnings)).collect()
+}
+
+impl SourceSettings {
+    fn validate(self, name: String, warnings: &mut Vec<String>) -> Result<SourceConfig, ConfigError> {
+        check_name(&name)?;
+        let key = format!("sources.{name}");
+        let secrets = secrets(&key, self.secrets, &self.secret_files, warnings)?;
+        let verifier = PatreonVerifier::new(secrets.iter().map(|s| s.expose_secret().as_bytes()));
+        let rate_limit = match (self.rate_limit_per_sec, self.rate_limit_burst) {
+            (0, None) => None,
+            (0, Some(_)) => {
+                let problem = "needs rate_limit_per_sec greater than zero";
+                return Err(invalid(format!("{key}.rate_limit_burst"), problem));
+            }
+            (_, Some(0)) => {
+                return Err(invalid(format!("{key}.rate_limit_burst"), "must be greater than zero"));
+            }
+            (per_sec, burst) => Some(RateLimit { per_sec, burst: burst.unwrap_or(per_sec) }),
+        };
+        Ok(SourceConfig {
+            allowlist: allowlist(&key, self.allowed_cidrs)?,
+            cloudevents_source: self.cloudevents_source.unwrap_or_else(|| format!("/webhooks/{name}")),
+            name,
+            kind: self.kind,
+            verifier,
+            rate_limit,
+        })
+    }
+}
+
+/// Inline secrets, then those of the files; none empty, at least one.
+fn secrets(
+    key: &str,
+    inline: OneOrMany<SecretString>,
+    files: &OneOrMany<PathBuf>,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<SecretString>, ConfigError> {
+    let mut secrets = inline.into_vec();
+    for (i, path) in files.as_slice().iter().enumerate() {
+        secrets.push(read_secret_file(&format!("{key}.secret_files[{i}]"), path, warnings)?);
+    }
+    if secrets.iter().any(|s| s.expose_secret().is_empty()) {
+        return Err(invalid(format!("{key}.secrets"), "a secret is empty"));
+    }
+    if secrets.is_empty() {
+        return Err(invalid(
+            format!("{key}.secrets"),
+            "a source needs at least one secret (secrets or secret_files)",
+        ));
+    }
+    Ok(secrets)
+}
+
+/// One string from the environment is a comma-separated list (blanks trimmed, empty
+/// items dropped); a list from a file is taken as it is.
+fn allowlist(key: &str, cidrs: OneOrMany<String>) -> Result<Allowlist, ConfigError> {
+    let items: Vec<String> = match cidrs {
+        OneOrMany::One(text) => {
+            text.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect()
+        }
+        OneOrMany::Many(items) => items,
+    };
+    let networks = items
+        .iter()
+        .enumerate()
+        .map(|(i, text)| {
+            text.parse::<Cidr>().map_err(|e| invalid(format!("{key}.allowed_cidrs[{i}]"), e.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Allowlist::new(networks))
+}
+
+/// Reads one secret from a file; warns (does not fail) when others may read it.
+fn read_secret_file(key: &str, path: &Path, warnings: &mut Vec<String>) -> Result<SecretString, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| invalid(key, format!("cannot read {}: {}", path.display(), e.kind())))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(path)
+            && meta.permissions().mode() & 0o004 != 0
+        {
+            warnings.push(format!(
+                "{key}: {} is readable by every user; restrict it (chmod 600 or 640)",
+                path.display()
+            ));
+        }
+    }
+    let trimmed = text.trim_end_matches(['\n', '\r']);
+    Ok(SecretString::from(trimmed.to_owned()))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::config::load;
+    use crate::config::tests::{MINIMAL, env, error_of};
+
+    #[test]
+    fn secrets_from_files_and_redacted_debug() {
+        let dir = std::env::temp_dir().join(format!("hookrelay-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("secret");
+        std::fs::write(&path, "file-secret-NOT-REAL\n").unwrap();
+        let text = format!(
+            "[sources.patreon]\nkind = \"patreon\"\nsecrets = \"inline-secret-NOT-REAL\"\nsecret_files = [\"{}\"]\n",
+            path.display()
+        );
+        let settings = load(Some(&text), &env(&[])).unwrap();
+        assert!(!format!("{settings:?}").contains("inline-secret-NOT-REAL"));
+        let cfg = settings.validate().unwrap();
+        assert_eq!(cfg.sources[0].verifier.secret_count(), 2);
+        let shown = format!("{cfg:?}");
+        assert!(!shown.contains("NOT-REAL"), "{shown}");
+        // One path from the environment.
+        let e = env(&[
+            ("HOOKRELAY_SOURCES__ENVONLY__KIND", "patreon"),
+            ("HOOKRELAY_SOURCES__ENVONLY__SECRET_FILES", path.to_str().unwrap()),
+        ]);
+        let cfg = load(None, &e).unwrap().validate().unwrap();
+        assert_eq!(cfg.sources[0].verifier.secret_count(), 1);
+        assert!(!shown.contains("guest:guest"), "{shown}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn rate_limit_and_allowlist_are_off_by_default_and_validated() {
+        let cfg = load(Some(MINIMAL), &env(&[])).unwrap().validate().unwrap();
+        assert_eq!(cfg.sources[0].rate_limit, None);
+        assert!(cfg.sources[0].allowlist.allows_all());
+
+        let text = format!("{MINIMAL}rate_limit_per_sec = 5\nallowed_cidrs = [\"10.0.0.0/8\", \"::1\"]\n");
+        let cfg = load(Some(&text), &env(&[])).unwrap().validate().unwrap();
+        assert_eq!(cfg.sources[0].rate_limit, Some(RateLimit { per_sec: 5, burst: 5 }));
+        let shown: Vec<String> = cfg.sources[0].allowlist.networks().iter().map(|c| c.to_string()).collect();
+        assert_eq!(shown, ["10.0.0.0/8", "::1/128"]);
+
+        // From the environment: one comma-separated string.
+        let e = env(&[
+            ("HOOKRELAY_SOURCES__PATREON__RATE_LIMIT_PER_SEC", "2"),
+            ("HOOKRELAY_SOURCES__PATREON__RATE_LIMIT_BURST", "10"),
+            ("HOOKRELAY_SOURCES__PATREON__ALLOWED_CIDRS", "192.0.2.0/24, 2001:db8::/32"),
+        ]);
+        let cfg = load(Some(MINIMAL), &e).unwrap().validate().unwrap();
+        assert_eq!(cfg.sources[0].rate_limit, Some(RateLimit { per_sec: 2, burst: 10 }));
+        assert_eq!(cfg.sources[0].allowlist.networks().len(), 2);
+
+        for (extra, key) in [
+            ("rate_limit_burst = 3\n", "sources.patreon.rate_limit_burst"),
+            ("rate_limit_per_sec = 1\nrate_limit_burst = 0\n", "sources.patreon.rate_limit_burst"),
+            ("allowed_cidrs = [\"10.0.0.0/8\", \"10.0.0.1/8\"]\n", "sources.patreon.allowed_cidrs[1]"),
+            ("allowed_cidrs = [\"example.com\"]\n", "sources.patreon.allowed_cidrs[0]"),
+        ] {
+            let text = format!("{MINIMAL}{extra}");
+            let err = error_of(Some(&text), &env(&[]));
+            assert!(err.contains(key), "{extra}: {err}");
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_world_readable_secret_file_warns_without_the_secret() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("hookrelay-perm-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("secret");
+        std::fs::write(&path, "perm-secret-NOT-REAL\n").unwrap();
+        let text =
+            format!("[sources.patreon]\nkind = \"patreon\"\nsecret_files = [\"{}\"]\n", path.display());
+        for (mode, warns) in [(0o644, true), (0o604, true), (0o640, false), (0o600, false)] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let cfg = load(Some(&text), &env(&[])).unwrap().validate().unwrap();
+            assert_eq!(cfg.warnings.len(), usize::from(warns), "mode {mode:o}: {:?}", cfg.warnings);
+            for w in &cfg.warnings {
+                assert!(
+                    w.contains("sources.patreon.secret_files[0]") && w.contains("readable by every user"),
+                    "{w}"
+                );
+                assert!(!w.contains("perm-secret-NOT-REAL"), "{w}");
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
