@@ -17,11 +17,12 @@ pub mod verify;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{info, warn};
 
 use crate::config::Config;
@@ -29,16 +30,226 @@ use crate::http::admin::{Admin, Readiness};
 use crate::http::ingest::Ingest;
 use crate::http::{ServeOptions, serve};
 use crate::metrics::Metrics;
-use crate::publish::Publisher;
 use crate::publish::amqp::AmqpPublisher;
 use crate::publish::durable::DurablePublisher;
 use crate::publish::topology::{Topology, topology};
+use crate::publish::{Broker, Publisher};
 use crate::spool::{Spool, SpoolOptions};
 
-impl Readiness for DurablePublisher {
+/// The publisher the relay answers from: RabbitMQ first, the spool second.
+type RelayPublisher = DurablePublisher<AmqpPublisher>;
+
+impl<B: Broker> Readiness for DurablePublisher<B> {
     fn ready(&self) -> bool {
         Publisher::is_ready(self)
     }
+}
+
+/// Admin connections served at once (operators and scrapers, not senders).
+const ADMIN_MAX_CONNECTIONS: usize = 64;
+/// Time an admin request gets to finish at shutdown.
+const ADMIN_GRACE: Duration = Duration::from_millis(500);
+
+/// Runs the relay on already-bound listeners until `shutdown` resolves: the whole
+/// life in two steps, [`Relay::build`] then [`Relay::serve`].
+pub async fn run(
+    config: Config,
+    ingest_listener: TcpListener,
+    admin_listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    Relay::build(config).await?.serve(ingest_listener, admin_listener, shutdown).await
+}
+
+/// The stages of shutdown, one child token each of one root, cancelled in this order
+/// by [`Relay::serve`]. Dropping the relay cancels the root, which stops them all.
+struct Stages {
+    /// Cancelled when shutdown is asked: `/readyz` turns 503, ingest stops accepting.
+    ingest: CancellationToken,
+    /// Cancelled once in-flight requests are done: drainer, retry routers, depth poll.
+    background: CancellationToken,
+    /// Cancelled once nothing publishes any more: the supervisor closes the connection.
+    broker: CancellationToken,
+    /// Cancelled last, so metrics and health stay readable during the whole drain.
+    admin: CancellationToken,
+    /// Cancels the root (all stages) if the relay is dropped without serving.
+    _root: DropGuard,
+}
+
+impl Stages {
+    fn new() -> Self {
+        let root = CancellationToken::new();
+        Stages {
+            ingest: root.child_token(),
+            background: root.child_token(),
+            broker: root.child_token(),
+            admin: root.child_token(),
+            _root: root.drop_guard(),
+        }
+    }
+}
+
+/// A relay whose fallible start-up is done: configuration checked, metrics
+/// registered, spool opened and locked, broker supervisor started. Only serving
+/// remains.
+pub struct Relay {
+    config: Config,
+    metrics: Metrics,
+    /// The broker side, for the background tasks that publish or consume on it.
+    broker: AmqpPublisher,
+    /// What requests publish through.
+    publisher: Arc<RelayPublisher>,
+    /// The broker supervisor; it ends after closing the connection.
+    supervisor: JoinHandle<()>,
+    /// Holds the spool directory's lock for the relay's life.
+    _spool_lock: Option<std::fs::File>,
+    stages: Stages,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay").field("sources", &self.config.sources.len()).finish()
+    }
+}
+
+impl Relay {
+    /// Does every fallible start-up step, in order: metrics registry, spool (opened
+    /// and locked), then the broker supervisor, which cannot fail (it retries) and so
+    /// comes last: nothing is left running when an earlier step fails.
+    pub async fn build(config: Config) -> anyhow::Result<Relay> {
+        for warning in &config.warnings {
+            warn!(warning = %warning, "Configuration warning.");
+        }
+        let metrics =
+            Metrics::new(config.sources.iter().map(|s| s.name.as_str())).context("metrics registry")?;
+        let (spool, spool_lock) = match open_spool(&config, &metrics).await? {
+            Some((spool, lock)) => (Some(spool), Some(lock)),
+            None => (None, None),
+        };
+        let stages = Stages::new();
+        let (broker, supervisor) = AmqpPublisher::start(
+            config.amqp.clone(),
+            topology_for(&config),
+            metrics.clone(),
+            stages.broker.clone(),
+        );
+        let spool_max_bytes = config.spool.as_ref().map_or(0, |s| s.max_bytes);
+        let publisher =
+            Arc::new(DurablePublisher::new(broker.clone(), spool, spool_max_bytes, metrics.clone()));
+        Ok(Relay { config, metrics, broker, publisher, supervisor, _spool_lock: spool_lock, stages })
+    }
+
+    /// Serves webhooks on `ingest_listener` and health and metrics on
+    /// `admin_listener` until `shutdown` resolves, then drains in order (see each
+    /// step's comment).
+    pub async fn serve(
+        self,
+        ingest_listener: TcpListener,
+        admin_listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> anyhow::Result<()> {
+        let Relay { config, metrics, broker, publisher, supervisor, _spool_lock, stages } = self;
+        let ingest_addr = ingest_listener.local_addr().context("ingest address")?;
+        let admin_addr = admin_listener.local_addr().context("admin address")?;
+
+        let mut background = JoinSet::new();
+        spawn_background(&mut background, &config, &broker, &publisher, &metrics, &stages.background);
+
+        let admin = Arc::new(Admin::new(metrics.clone(), publisher.clone(), stages.ingest.clone()));
+        let admin_opts = ServeOptions {
+            max_connections: ADMIN_MAX_CONNECTIONS,
+            header_read_timeout: config.http.header_read_timeout,
+            grace_period: ADMIN_GRACE,
+        };
+        let admin_task = tokio::spawn(serve(
+            admin_listener,
+            move |req| admin.clone().handle(req),
+            admin_opts,
+            stages.admin.clone().cancelled_owned(),
+        ));
+
+        let ingest = Arc::new(Ingest::new(
+            config.sources.iter().cloned(),
+            publisher.clone(),
+            metrics.clone(),
+            config.http.max_body_bytes,
+            config.http.request_timeout,
+            config.http.retry_after_secs,
+        ));
+        let ingest_opts = ServeOptions {
+            max_connections: config.http.max_connections,
+            header_read_timeout: config.http.header_read_timeout,
+            grace_period: config.grace_period,
+        };
+        info!(ingest = %ingest_addr, admin = %admin_addr, sources = config.sources.len(), "hookrelay started.");
+        let stop_ingest = stages.ingest.clone();
+        serve(ingest_listener, move |req| ingest.clone().handle(req), ingest_opts, async move {
+            tokio::select! {
+                _ = shutdown => {}
+                _ = stop_ingest.cancelled() => {}
+            }
+            // Not ready first, so a load balancer stops sending before we stop accepting.
+            stop_ingest.cancel();
+            info!("Shutting down: no longer ready, finishing in-flight requests.");
+        })
+        .await;
+
+        // In-flight requests are done. The background tasks stop next, before the
+        // connection they publish on closes: a drain round cut by a closed connection
+        // would send its batch again after restart.
+        stages.background.cancel();
+        while background.join_next().await.is_some() {}
+        // Nothing writes to the spool any more: flush and close it.
+        publisher.close().await;
+        // Nothing publishes any more: close the broker connection cleanly.
+        stages.broker.cancel();
+        if let Err(error) = supervisor.await {
+            warn!(%error, "Broker supervisor ended abnormally.");
+        }
+        // Last, so health and metrics stay readable during the whole drain.
+        stages.admin.cancel();
+        let _ = admin_task.await;
+        info!("hookrelay stopped.");
+        Ok(())
+    }
+}
+
+/// The tasks that run beside the requests: the spool drainer, one retry router per
+/// source, and the queue depth poll; all end when `stop` is cancelled.
+fn spawn_background(
+    tasks: &mut JoinSet<()>,
+    config: &Config,
+    broker: &AmqpPublisher,
+    publisher: &RelayPublisher,
+    metrics: &Metrics,
+    stop: &CancellationToken,
+) {
+    if let Some(drainer) = publisher.drainer(stop.clone()) {
+        tasks.spawn(drainer);
+    }
+    let amqp = &config.amqp;
+    if !amqp.declare_topology {
+        return;
+    }
+    if !amqp.retry_delays.is_empty() {
+        for source in &config.sources {
+            tasks.spawn(publish::retry::run(
+                broker.clone(),
+                source.name.clone(),
+                amqp.retry_delays.clone(),
+                amqp.delivery_limit,
+                stop.clone(),
+            ));
+        }
+    }
+    tasks.spawn(publish::depths::run(
+        broker.clone(),
+        amqp.unrouted_exchange.clone(),
+        amqp.dead_letter_exchange.clone(),
+        config.sources.iter().map(|s| s.name.clone()).collect(),
+        metrics.clone(),
+        stop.clone(),
+    ));
 }
 
 /// Opens the spool directory, taking an exclusive lock on it so that two relays
@@ -90,119 +301,6 @@ pub async fn bind(config: &Config) -> anyhow::Result<(TcpListener, TcpListener)>
         .await
         .with_context(|| format!("cannot bind admin.listen {}", config.admin_listen))?;
     Ok((ingest, admin))
-}
-
-/// Runs the relay on already-bound listeners until `shutdown` resolves, then drains
-/// in order: not ready → stop accepting → in-flight requests finish (and get their
-/// confirms) → broker connection closed → admin listener closed.
-pub async fn run(
-    config: Config,
-    ingest_listener: TcpListener,
-    admin_listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send,
-) -> anyhow::Result<()> {
-    for warning in &config.warnings {
-        warn!(warning = %warning, "Configuration warning.");
-    }
-    let metrics = Metrics::new(config.sources.iter().map(|s| s.name.as_str())).context("metrics registry")?;
-    let (stop_broker, broker_stop_rx) = watch::channel(false);
-    // Drainer and retry routers stop before the connection they publish on closes.
-    let (stop_background, background_stop_rx) = watch::channel(false);
-    let (publisher, supervisor) =
-        AmqpPublisher::start(config.amqp.clone(), topology_for(&config), metrics.clone(), broker_stop_rx);
-    let spool = open_spool(&config, &metrics).await?;
-    let spool_max_bytes = config.spool.as_ref().map_or(0, |s| s.max_bytes);
-    let (spool, _spool_lock) = match spool {
-        Some((spool, lock)) => (Some(spool), Some(lock)),
-        None => (None, None),
-    };
-    let mut routers = Vec::new();
-    if config.amqp.declare_topology && !config.amqp.retry_delays.is_empty() {
-        for source in &config.sources {
-            routers.push(tokio::spawn(publish::retry::run(
-                publisher.clone(),
-                source.name.clone(),
-                config.amqp.retry_delays.clone(),
-                config.amqp.delivery_limit,
-                background_stop_rx.clone(),
-            )));
-        }
-    }
-    if config.amqp.declare_topology {
-        routers.push(tokio::spawn(publish::depths::run(
-            publisher.clone(),
-            config.amqp.unrouted_exchange.clone(),
-            config.amqp.dead_letter_exchange.clone(),
-            config.sources.iter().map(|s| s.name.clone()).collect(),
-            metrics.clone(),
-            background_stop_rx.clone(),
-        )));
-    }
-    let publisher = Arc::new(DurablePublisher::new(publisher, spool, spool_max_bytes, metrics.clone()));
-    let drainer = publisher.start_drainer(background_stop_rx.clone());
-    let draining = Arc::new(AtomicBool::new(false));
-
-    let admin = Arc::new(Admin::new(metrics.clone(), publisher.clone(), draining.clone()));
-    let admin_opts = ServeOptions {
-        max_connections: 64,
-        header_read_timeout: config.http.header_read_timeout,
-        grace_period: std::time::Duration::from_millis(500),
-    };
-    let (stop_admin, admin_stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let admin_task =
-        tokio::spawn(serve(admin_listener, move |req| admin.clone().handle(req), admin_opts, async move {
-            let _ = admin_stop_rx.await;
-        }));
-
-    let ingest = Arc::new(Ingest::new(
-        config.sources.iter().cloned(),
-        publisher.clone(),
-        metrics.clone(),
-        config.http.max_body_bytes,
-        config.http.request_timeout,
-        config.http.retry_after_secs,
-    ));
-    let ingest_opts = ServeOptions {
-        max_connections: config.http.max_connections,
-        header_read_timeout: config.http.header_read_timeout,
-        grace_period: config.grace_period,
-    };
-    info!(
-        ingest = %ingest_listener.local_addr().context("ingest address")?,
-        admin = %admin_listener_addr(&config),
-        sources = config.sources.len(),
-        "hookrelay started."
-    );
-    let draining_flag = draining.clone();
-    serve(ingest_listener, move |req| ingest.clone().handle(req), ingest_opts, async move {
-        shutdown.await;
-        draining_flag.store(true, Ordering::Relaxed);
-        info!("Shutting down: no longer ready, finishing in-flight requests.");
-    })
-    .await;
-
-    // In-flight requests are done: stop the background publishers, flush the spool,
-    // then close the broker connection.
-    let _ = stop_background.send(true);
-    if let Some(drainer) = drainer {
-        let _ = drainer.await;
-    }
-    for router in routers {
-        let _ = router.await;
-    }
-    publisher.close().await;
-    let _ = stop_broker.send(true);
-    if let Err(error) = supervisor.await {
-        warn!(%error, "Broker supervisor ended abnormally.");
-    }
-    let _ = stop_admin.send(());
-    let _ = admin_task.await;
-    info!("hookrelay stopped.");
-    Ok(())
-}
-
-fn admin_listener_addr(config: &Config) -> String {
-    config.admin_listen.to_string()
 }
 
 /// Resolves on SIGTERM or SIGINT.

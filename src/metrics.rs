@@ -33,8 +33,8 @@ pub const REJECT_REASONS: [&str; 10] = [
 pub const SIGNATURE_REASONS: [&str; 3] = ["missing", "malformed", "mismatch"];
 
 /// Reasons a publish attempt fails.
-pub const PUBLISH_FAILURE_REASONS: [&str; 5] =
-    ["nack", "unroutable", "timeout", "unavailable", "channel_error"];
+pub const PUBLISH_FAILURE_REASONS: [&str; 6] =
+    ["nack", "unroutable", "timeout", "unavailable", "channel_error", "spool_unavailable"];
 
 /// Reasons an event is dead-lettered by the relay.
 pub const DEAD_LETTER_REASONS: [&str; 2] = ["nacked", "unroutable"];

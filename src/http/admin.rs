@@ -2,13 +2,13 @@
 //! (the relay can make events durable and is not shutting down). Bind it privately.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
+use tokio_util::sync::CancellationToken;
 
 use super::HttpResponse;
 use crate::metrics::Metrics;
@@ -23,12 +23,12 @@ pub trait Readiness: Send + Sync + 'static {
 pub struct Admin {
     metrics: Metrics,
     readiness: Arc<dyn Readiness>,
-    draining: Arc<AtomicBool>,
+    draining: CancellationToken,
 }
 
 impl Admin {
-    /// Builds the admin handler; `draining` turns true when shutdown begins.
-    pub fn new(metrics: Metrics, readiness: Arc<dyn Readiness>, draining: Arc<AtomicBool>) -> Self {
+    /// Builds the admin handler; `draining` is cancelled when shutdown begins.
+    pub fn new(metrics: Metrics, readiness: Arc<dyn Readiness>, draining: CancellationToken) -> Self {
         Admin { metrics, readiness, draining }
     }
 
@@ -48,7 +48,7 @@ impl Admin {
             }
             "/healthz" => text(StatusCode::OK, "ok\n"),
             "/readyz" => {
-                if self.draining.load(Ordering::Relaxed) {
+                if self.draining.is_cancelled() {
                     text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
                 } else if self.readiness.ready() {
                     text(StatusCode::OK, "ready\n")

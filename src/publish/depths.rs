@@ -7,10 +7,11 @@ use std::time::Duration;
 
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
-use tokio::sync::watch;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use super::Broker;
 use super::amqp::AmqpPublisher;
 use super::topology::parked_queue;
 use crate::metrics::Metrics;
@@ -25,7 +26,7 @@ pub async fn run(
     dead: Option<String>,
     sources: Vec<String>,
     metrics: Metrics,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: CancellationToken,
 ) {
     let parked: Vec<(String, String)> =
         sources.iter().map(|s| (s.clone(), parked_queue(amqp.exchange(), s))).collect();
@@ -52,7 +53,7 @@ pub async fn run(
         }
         tokio::select! {
             _ = tokio::time::sleep(POLL_INTERVAL) => {}
-            _ = shutdown.changed() => return,
+            _ = shutdown.cancelled() => return,
         }
     }
 }

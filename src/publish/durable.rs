@@ -9,12 +9,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use tokio::sync::watch;
 use tokio::time::{Instant, sleep};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::amqp::AmqpPublisher;
-use super::{Delivered, Outgoing, PublishError, Publisher};
+use super::{Broker, Delivered, Outgoing, PublishError, Publisher};
 use crate::envelope::{self, Envelope};
 use crate::metrics::Metrics;
 use crate::spool::{Spool, SpoolError, SpoolRecord};
@@ -25,8 +24,8 @@ const DRAIN_BATCH: usize = 256;
 const DRAIN_BACKOFF: Duration = Duration::from_millis(200);
 
 /// Broker first, spool second.
-pub struct DurablePublisher {
-    amqp: AmqpPublisher,
+pub struct DurablePublisher<B> {
+    amqp: B,
     spool: Option<Spool>,
     spool_max_bytes: u64,
     /// False after the spool failed to write; true again after a good write.
@@ -34,15 +33,15 @@ pub struct DurablePublisher {
     metrics: Metrics,
 }
 
-impl std::fmt::Debug for DurablePublisher {
+impl<B> std::fmt::Debug for DurablePublisher<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DurablePublisher").field("spool", &self.spool.is_some()).finish()
     }
 }
 
-impl DurablePublisher {
+impl<B: Broker> DurablePublisher<B> {
     /// Combines the broker publisher with an optional, already opened spool.
-    pub fn new(amqp: AmqpPublisher, spool: Option<Spool>, spool_max_bytes: u64, metrics: Metrics) -> Self {
+    pub fn new(amqp: B, spool: Option<Spool>, spool_max_bytes: u64, metrics: Metrics) -> Self {
         if let Some(spool) = &spool {
             let depth = spool.depth();
             metrics.spool_depth(depth.events, depth.bytes);
@@ -92,10 +91,10 @@ impl DurablePublisher {
         }
     }
 
-    /// Starts the drainer; it stops when `shutdown` turns true.
-    pub fn start_drainer(&self, shutdown: watch::Receiver<bool>) -> Option<tokio::task::JoinHandle<()>> {
+    /// The drainer task, if there is a spool; it ends when `shutdown` is cancelled.
+    pub fn drainer(&self, shutdown: CancellationToken) -> Option<impl Future<Output = ()> + Send + 'static> {
         let spool = self.spool.clone()?;
-        Some(tokio::spawn(drain(spool, self.amqp.clone(), self.metrics.clone(), shutdown)))
+        Some(drain(spool, self.amqp.clone(), self.metrics.clone(), shutdown))
     }
 
     /// Flushes and closes the spool (after the drainer stopped).
@@ -106,7 +105,7 @@ impl DurablePublisher {
     }
 }
 
-impl Publisher for DurablePublisher {
+impl<B: Broker> Publisher for DurablePublisher<B> {
     async fn publish(&self, event: Outgoing<'_>) -> Result<Delivered, PublishError> {
         let Some(spool) = &self.spool else {
             return self.amqp.publish(event).await;
@@ -124,10 +123,7 @@ impl Publisher for DurablePublisher {
             }
         };
         debug!(reason = broker_error.label(), "Broker did not confirm; spooling.");
-        match self.spool(&event, spool).await {
-            Ok(delivered) => Ok(delivered),
-            Err(_) => Err(broker_error),
-        }
+        self.spool(&event, spool).await
     }
 
     fn is_ready(&self) -> bool {
@@ -136,7 +132,7 @@ impl Publisher for DurablePublisher {
 }
 
 /// Publishes spooled events in spool order and removes each batch once confirmed.
-async fn drain(spool: Spool, amqp: AmqpPublisher, metrics: Metrics, mut shutdown: watch::Receiver<bool>) {
+async fn drain<B: Broker>(spool: Spool, amqp: B, metrics: Metrics, shutdown: CancellationToken) {
     // Corrupt records found while reading count too (those found at open already did).
     let mut corrupt_seen = spool.stats().corrupt_records_skipped;
     let depth = spool.depth();
@@ -150,20 +146,20 @@ async fn drain(spool: Spool, amqp: AmqpPublisher, metrics: Metrics, mut shutdown
     loop {
         tokio::select! {
             _ = spool.wait_nonempty() => {}
-            _ = shutdown.changed() => return,
+            _ = shutdown.cancelled() => return,
         }
         // Wait for a connection, checking for shutdown now and then.
         while !amqp.is_ready() {
             tokio::select! {
                 _ = amqp.wait_ready(Instant::now() + Duration::from_secs(1)) => {}
-                _ = shutdown.changed() => return,
+                _ = shutdown.cancelled() => return,
             }
         }
         let batch = match spool.peek_batch(DRAIN_BATCH).await {
             Ok(batch) => batch,
             Err(error) => {
                 warn!(%error, "Reading the spool failed.");
-                if pause(&mut shutdown).await {
+                if pause(&shutdown).await {
                     return;
                 }
                 continue;
@@ -209,7 +205,7 @@ async fn drain(spool: Spool, amqp: AmqpPublisher, metrics: Metrics, mut shutdown
                 }
             }
         }
-        if done < batch.len() && pause(&mut shutdown).await {
+        if done < batch.len() && pause(&shutdown).await {
             return;
         }
     }
@@ -231,9 +227,132 @@ fn unparseable(record: &SpoolRecord) -> Envelope {
 }
 
 /// Sleeps the drain backoff; true if shutdown was asked meanwhile.
-async fn pause(shutdown: &mut watch::Receiver<bool>) -> bool {
+async fn pause(shutdown: &CancellationToken) -> bool {
     tokio::select! {
         _ = sleep(DRAIN_BACKOFF) => false,
-        _ = shutdown.changed() => true,
+        _ = shutdown.cancelled() => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::publish::fake::{FakeBroker, TempDir, envelope};
+    use crate::spool::SpoolOptions;
+
+    fn metrics() -> Metrics {
+        Metrics::new(["patreon"]).unwrap()
+    }
+
+    async fn durable(broker: &FakeBroker, dir: &TempDir, max_bytes: u64) -> DurablePublisher<FakeBroker> {
+        let opts = SpoolOptions { max_bytes, ..SpoolOptions::default() };
+        let (spool, _) = Spool::open(dir.path(), opts).await.unwrap();
+        DurablePublisher::new(broker.clone(), Some(spool), max_bytes, metrics())
+    }
+
+    async fn publish(p: &DurablePublisher<FakeBroker>, id: &str) -> Result<Delivered, PublishError> {
+        let env = envelope(id);
+        p.publish(Outgoing { source: "patreon", event_label: "other", envelope: &env }).await
+    }
+
+    fn spooled(p: &DurablePublisher<FakeBroker>) -> u64 {
+        p.spool.as_ref().map_or(0, |s| s.depth().events)
+    }
+
+    #[tokio::test]
+    async fn a_confirmed_event_is_not_spooled() {
+        let (broker, dir) = (FakeBroker::default(), TempDir::new("durable-ack"));
+        let p = durable(&broker, &dir, 1 << 20).await;
+        assert_eq!(publish(&p, "a").await, Ok(Delivered::Confirmed));
+        let broker2 = FakeBroker::answering([Ok(Delivered::DeadLettered)]);
+        let p2 = durable(&broker2, &TempDir::new("durable-dlx"), 1 << 20).await;
+        assert_eq!(publish(&p2, "b").await, Ok(Delivered::DeadLettered));
+        assert_eq!((spooled(&p), spooled(&p2)), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn every_broker_failure_falls_back_to_the_spool() {
+        for error in [
+            PublishError::Nacked,
+            PublishError::Unroutable,
+            PublishError::Timeout,
+            PublishError::Unavailable,
+            PublishError::ChannelError,
+        ] {
+            let (broker, dir) = (FakeBroker::answering([Err(error)]), TempDir::new("durable-fail"));
+            let p = durable(&broker, &dir, 1 << 20).await;
+            assert_eq!(publish(&p, "a").await, Ok(Delivered::Spooled), "{error:?}");
+            assert_eq!(spooled(&p), 1, "{error:?}");
+            assert_eq!(broker.script().published, ["a"], "{error:?}: the broker was asked first");
+        }
+    }
+
+    #[tokio::test]
+    async fn no_connection_or_a_blocked_broker_spools_without_asking_the_broker() {
+        for (ready, blocked) in [(false, false), (true, true)] {
+            let (broker, dir) = (FakeBroker::default(), TempDir::new("durable-down"));
+            (broker.script().ready, broker.script().blocked) = (ready, blocked);
+            let p = durable(&broker, &dir, 1 << 20).await;
+            assert_eq!(publish(&p, "a").await, Ok(Delivered::Spooled));
+            assert!(broker.script().published.is_empty(), "ready {ready}, blocked {blocked}");
+            assert!(Publisher::is_ready(&p), "ready while the spool accepts");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_spool_answers_spool_unavailable() {
+        let (broker, dir) =
+            (FakeBroker::answering([Err(PublishError::Timeout)]), TempDir::new("durable-full"));
+        let p = durable(&broker, &dir, 16).await;
+        assert_eq!(publish(&p, "a").await, Err(PublishError::SpoolUnavailable));
+        assert_eq!(spooled(&p), 0);
+    }
+
+    #[tokio::test]
+    async fn without_a_spool_the_broker_answer_is_the_answer() {
+        let broker = FakeBroker::answering([Err(PublishError::Nacked), Err(PublishError::Timeout)]);
+        let p = DurablePublisher::new(broker.clone(), None, 0, metrics());
+        assert_eq!(publish(&p, "a").await, Err(PublishError::Nacked));
+        assert_eq!(publish(&p, "b").await, Err(PublishError::Timeout));
+        assert_eq!(publish(&p, "c").await, Ok(Delivered::Confirmed));
+        broker.script().ready = false;
+        assert!(!Publisher::is_ready(&p), "no broker and no spool: not ready");
+    }
+
+    #[tokio::test]
+    async fn the_drainer_sends_spooled_events_in_order_once_the_broker_is_back() {
+        let (broker, dir) = (FakeBroker::default(), TempDir::new("durable-drain"));
+        broker.script().ready = false;
+        let p = durable(&broker, &dir, 1 << 20).await;
+        let ids: Vec<String> = (0..5).map(|i| format!("e{i}")).collect();
+        for id in &ids {
+            assert_eq!(publish(&p, id).await, Ok(Delivered::Spooled));
+        }
+        // The first round confirms only two; the rest follow in order.
+        broker.script().in_order_confirms = 2;
+        let stop = CancellationToken::new();
+        let drainer = tokio::spawn(p.drainer(stop.clone()).unwrap());
+        broker.script().ready = true;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while spooled(&p) > 3 && Instant::now() < deadline {
+            sleep(Duration::from_millis(5)).await;
+        }
+        broker.script().in_order_confirms = usize::MAX;
+        while spooled(&p) > 0 && Instant::now() < deadline {
+            sleep(Duration::from_millis(5)).await;
+        }
+        stop.cancel();
+        drainer.await.unwrap();
+        assert_eq!(spooled(&p), 0, "drained within 10 s");
+        let s = broker.script();
+        let mut sent = s.confirmed_in_order.clone();
+        sent.extend(s.published.iter().cloned());
+        // The head of an unconfirmed rest may go through the single-publish path.
+        sent.dedup();
+        assert_eq!(&sent[..2], &ids[..2]);
+        let mut all = sent.clone();
+        all.sort();
+        all.dedup();
+        assert_eq!(all, ids, "every spooled event reached the broker");
     }
 }

@@ -1,8 +1,10 @@
-//! Getting an envelope durable: the [`Publisher`] trait the HTTP layer sees, and its
-//! implementations. `amqp` talks to RabbitMQ; `topology` describes what it declares.
+//! Getting an envelope durable: the [`Publisher`] trait the HTTP layer sees, the
+//! [`Broker`] trait the durable publisher sees, and their implementations. `amqp`
+//! talks to RabbitMQ; `durable` adds the spool; `topology` describes what `amqp`
+//! declares; `retry` and `depths` are the broker-side background tasks.
 //!
-//! The HTTP layer knows only this trait and its result types; no broker client type
-//! crosses this boundary.
+//! The HTTP layer knows only [`Publisher`] and its result types; no broker client
+//! type crosses this boundary.
 
 pub mod amqp;
 pub mod depths;
@@ -10,7 +12,12 @@ pub mod durable;
 pub mod retry;
 pub mod topology;
 
+#[cfg(test)]
+pub(crate) mod fake;
+
 use std::future::Future;
+
+use tokio::time::Instant;
 
 use crate::envelope::Envelope;
 
@@ -50,6 +57,16 @@ pub enum PublishError {
 }
 
 impl PublishError {
+    /// Every variant, so the metric series can be registered up front.
+    pub const ALL: [PublishError; 6] = [
+        PublishError::Nacked,
+        PublishError::Unroutable,
+        PublishError::Timeout,
+        PublishError::Unavailable,
+        PublishError::ChannelError,
+        PublishError::SpoolUnavailable,
+    ];
+
     /// Bounded metric label.
     pub fn label(self) -> &'static str {
         match self {
@@ -83,4 +100,45 @@ pub trait Publisher: Send + Sync + 'static {
 
     /// Whether a publish can currently succeed (drives `/readyz`).
     fn is_ready(&self) -> bool;
+}
+
+/// What the durable publisher needs of a broker: publish with the full policy,
+/// publish a batch in order, and say whether publishing can work now. The AMQP
+/// publisher implements it; unit tests script a fake.
+pub trait Broker: Clone + Send + Sync + 'static {
+    /// Publishes one event with retries and dead-lettering, within the broker's
+    /// own publish deadline.
+    fn publish(&self, event: Outgoing<'_>) -> impl Future<Output = Result<Delivered, PublishError>> + Send;
+
+    /// The same, until `deadline`.
+    fn publish_until(
+        &self,
+        event: Outgoing<'_>,
+        deadline: Instant,
+    ) -> impl Future<Output = Result<Delivered, PublishError>> + Send;
+
+    /// Publishes `batch` to the main exchange in order and returns how many from its
+    /// start were confirmed (the rest are to be tried again).
+    fn publish_in_order(&self, batch: &[&Envelope], deadline: Instant) -> impl Future<Output = usize> + Send;
+
+    /// Whether there is a connection to publish on.
+    fn is_ready(&self) -> bool;
+
+    /// Whether the broker blocks publishing (memory or disk alarm).
+    fn is_blocked(&self) -> bool;
+
+    /// Waits until [`Self::is_ready`] or `deadline`; true when ready.
+    fn wait_ready(&self, deadline: Instant) -> impl Future<Output = bool> + Send;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::PUBLISH_FAILURE_REASONS;
+
+    #[test]
+    fn every_failure_label_is_registered_up_front() {
+        let labels: Vec<&str> = PublishError::ALL.iter().map(|e| e.label()).collect();
+        assert_eq!(labels, PUBLISH_FAILURE_REASONS);
+    }
 }

@@ -15,10 +15,11 @@ use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, message::Delivery};
-use tokio::sync::watch;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::Broker;
 use super::amqp::{AmqpPublisher, Message, ROUTING_KEY_HEADER};
 use super::topology::{delay_queue, parked_queue, rejected_queue, retry_exchange};
 
@@ -81,12 +82,12 @@ pub async fn run(
     source: String,
     delays: Vec<Duration>,
     delivery_limit: u32,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: CancellationToken,
 ) {
     let exchange = amqp.exchange().to_owned();
     let queue = rejected_queue(&exchange, &source);
     loop {
-        if *shutdown.borrow() {
+        if shutdown.is_cancelled() {
             return;
         }
         // Wait for a connection.
@@ -96,7 +97,7 @@ pub async fn run(
             }
             tokio::select! {
                 _ = amqp.wait_ready(Instant::now() + Duration::from_secs(1)) => {}
-                _ = shutdown.changed() => return,
+                _ = shutdown.cancelled() => return,
             }
         };
         let consumer = async {
@@ -116,7 +117,7 @@ pub async fn run(
                 debug!(%error, queue = %queue, "Cannot consume the rejected queue yet.");
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
-                    _ = shutdown.changed() => return,
+                    _ = shutdown.cancelled() => return,
                 }
             }
         };
@@ -124,7 +125,7 @@ pub async fn run(
         loop {
             let delivery = tokio::select! {
                 d = consumer.next() => d,
-                _ = shutdown.changed() => return,
+                _ = shutdown.cancelled() => return,
             };
             match delivery {
                 Some(Ok(delivery)) => {
