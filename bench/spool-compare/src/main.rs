@@ -8,7 +8,7 @@
 //! outside with strace (see run.sh); the spool also counts its own.
 
 #[allow(dead_code)]
-#[path = "../../../src/spool.rs"]
+#[path = "../../../src/spool/mod.rs"]
 mod spool;
 
 use std::path::{Path, PathBuf};
