@@ -5,24 +5,32 @@
 //! at equal concurrency and repeats them:
 //! - raw: a lapin publisher, persistent + mandatory + confirms, W in flight, on 1 and
 //!   on N channels — what the broker can take on this machine;
+//! - bare: a minimal hyper → lapin relay (this binary with `--serve-bare`, see
+//!   `bare.rs`) publishing each body with confirms: the cost any relay pays;
 //! - relay: the release `hookrelay` binary as a child process, driven by C keep-alive
 //!   HTTP/1.1 connections posting signed Patreon deliveries.
 //!
+//! CPU per event (utime + stime from /proc over the measured window, divided by the
+//! events in it) of the relay, the bare relay, the load generator and the broker is
+//! the figure to judge changes by on a shared machine; events/s is noisier.
+//!
 //! Every acknowledged event is counted in its queue afterwards (speed never from
 //! dropped work), then the queue is purged; everything declared is deleted at the end.
-//! It prints medians over the rounds, same-round ratios, start-up time and memory.
+//! It prints medians over the rounds, same-round comparisons, start-up time and memory.
 //!
 //! A benchmark binary rather than a cargo example because it needs nothing the relay
 //! does not already depend on, except hyper's client half (which the relay binary never
 //! links), and `cargo run --release --bin hookrelay-bench` builds it beside the binary
 //! it measures.
 
+mod bare;
 mod broker;
 mod load;
 mod messages;
 mod procfs;
 mod raw;
 mod relay;
+mod report;
 mod stats;
 mod window;
 
@@ -38,8 +46,10 @@ use lapin::Connection;
 use tokio::time::sleep_until;
 
 use crate::messages::{SOURCE, SizeMix, Workload};
+use crate::raw::Variant;
 use crate::relay::{RelaySetup, Startup};
-use crate::stats::{Sample, WorkerLog, median, per_10k};
+use crate::report::{mib, ms};
+use crate::stats::{Sample, WorkerLog, us_per_event};
 use crate::window::Window;
 
 /// Hard cap on events in one measurement, whatever the duration.
@@ -67,6 +77,15 @@ struct Args {
     /// Channels of the relay's pool (`amqp.channels`) and of the multi-channel raw run.
     #[arg(long, default_value_t = 4)]
     channels: usize,
+    /// Channel counts of the raw publisher at W > 1 (default: 1 and `--channels`).
+    #[arg(long, value_delimiter = ',')]
+    raw_channels: Vec<usize>,
+    /// What the raw publisher sends, one measurement each: `std` (the relay's envelope
+    /// and properties; the reference for ratios, listed first), `nohdr` (without the
+    /// `cloudEvents_*` headers), `nomand` (`mandatory` off), `body` (the request body
+    /// instead of the envelope), `min` (only `delivery_mode = 2`), joined with `+`.
+    #[arg(long, value_delimiter = ',', default_value = "std")]
+    raw_variants: Vec<Variant>,
     /// Rounds; each round starts a fresh relay and measures every setting once.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
@@ -88,37 +107,54 @@ struct Args {
     /// Smoke mode for CI (under 30 s): 1 round, C = 1,64, 1 s windows.
     #[arg(long)]
     quick: bool,
-    /// Measure only one side (e.g. `relay` while profiling it); ratios need both.
-    #[arg(long, value_enum, default_value_t = Only::Both)]
-    only: Only,
+    /// Measure only these sides (e.g. `relay` while profiling it); comparisons need several.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "raw,bare,relay")]
+    only: Vec<Side>,
     /// Keep the temp dir (relay configs and logs) and print its path.
     #[arg(long)]
     keep_temp: bool,
+    /// Internal: run as the bare relay (the bench starts it).
+    #[arg(long, hide = true)]
+    serve_bare: bool,
+    /// Internal: the bare relay's exchange.
+    #[arg(long, hide = true, default_value = "")]
+    bare_exchange: String,
 }
 
-/// Which side(s) to measure.
+/// What can be measured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum Only {
-    Both,
+enum Side {
     Raw,
+    Bare,
     Relay,
 }
 
 /// What is measured in one row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Kind {
-    /// The lapin publisher on this many channels.
-    Raw(usize),
+    /// The lapin publisher sending `--raw-variants[variant]` on this many channels.
+    Raw { variant: usize, channels: usize },
+    /// The bare relay.
+    Bare,
     /// hookrelay.
     Relay,
 }
 
 impl Kind {
-    fn label(self, level: usize) -> String {
+    fn label(self, level: usize, variants: &[Variant]) -> String {
         match self {
-            Kind::Raw(ch) => format!("raw   W={level:<3} ch={ch}"),
-            Kind::Relay => format!("relay C={level:<3}"),
+            Kind::Raw { variant, channels } => {
+                let name = variants.get(variant).map_or("?", |v| v.name.as_str());
+                format!("raw {name} W={level} ch={channels}")
+            }
+            Kind::Bare => format!("bare  C={level}"),
+            Kind::Relay => format!("relay C={level}"),
         }
+    }
+
+    /// The raw reference at `level` for a given channel count.
+    fn reference(level: usize, channels: usize) -> Kind {
+        Kind::Raw { variant: 0, channels: if level > 1 { channels } else { 1 } }
     }
 }
 
@@ -132,6 +168,10 @@ struct Watched {
 
 fn main() -> ExitCode {
     let mut args = Args::parse();
+    if args.raw_channels.is_empty() {
+        args.raw_channels = vec![1, args.channels];
+        args.raw_channels.dedup();
+    }
     if args.quick {
         args.rounds = 1;
         args.concurrency = vec![1, 64];
@@ -145,6 +185,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if args.serve_bare {
+        return match runtime.block_on(bare::serve(&args.amqp_url, &args.bare_exchange)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("hookrelay-bench (bare relay): {e:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
     match runtime.block_on(run(args)) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
@@ -155,21 +204,12 @@ fn main() -> ExitCode {
     }
 }
 
-/// relay events/s over raw events/s, measured in the same round.
-#[derive(Debug, Clone, Copy)]
-struct Ratio {
-    /// Against raw on as many channels as the relay's pool.
-    vs_pool: Option<f64>,
-    /// Against raw on one channel.
-    vs_one: Option<f64>,
-}
-
 /// Everything one run records.
 #[derive(Default)]
 struct Results {
     samples: BTreeMap<(usize, Kind), Vec<Sample>>,
-    /// Per level, one entry per round.
-    ratios: BTreeMap<usize, Vec<Ratio>>,
+    /// Per level, one entry per round: every sample of that round, for same-round comparisons.
+    rounds: BTreeMap<usize, Vec<BTreeMap<Kind, Sample>>>,
     startups: Vec<Startup>,
     replays: Vec<broker::ConnectSteps>,
     stops: Vec<Duration>,
@@ -227,15 +267,18 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         let _ = std::fs::remove_dir_all(&temp);
     }
     outcome?;
-    Ok(report(&args, &results))
+    Ok(report::report(&args, &results))
 }
 
 fn validate(args: &Args) -> anyhow::Result<()> {
     if args.concurrency.is_empty() || args.concurrency.iter().any(|&c| c == 0 || c > 4096) {
         bail!("--concurrency takes levels from 1 to 4096");
     }
-    if !(1..=64).contains(&args.channels) {
-        bail!("--channels takes 1 to 64");
+    if !(1..=64).contains(&args.channels) || args.raw_channels.iter().any(|c| !(1..=64).contains(c)) {
+        bail!("--channels and --raw-channels take 1 to 64");
+    }
+    if args.raw_variants.is_empty() {
+        bail!("--raw-variants needs at least one variant");
     }
     if !(1..=20).contains(&args.rounds) {
         bail!("--rounds takes 1 to 20");
@@ -275,6 +318,12 @@ async fn measure_all(
         results.replays.push(broker::replay_connect(&args.amqp_url, &fresh_topology, args.channels).await?);
 
         let (relay, startup) = relay::start(setup, round).await?;
+        let bare = if args.only.contains(&Side::Bare) {
+            let me = std::env::current_exe().context("locating this binary")?;
+            Some(bare::start(&me, &args.amqp_url, &raw_setup.exchange).await?)
+        } else {
+            None
+        };
         println!(
             "round {}: relay pid {} ready in {:.1} ms ({} topology), idle RSS {}",
             round + 1,
@@ -289,31 +338,23 @@ async fn measure_all(
 
         let measured = async {
             for &level in &args.concurrency {
-                let mut kinds = vec![Kind::Raw(1)];
-                if args.channels > 1 && level > 1 {
-                    kinds.push(Kind::Raw(args.channels));
-                }
-                kinds.push(Kind::Relay);
-                kinds.retain(|k| match args.only {
-                    Only::Both => true,
-                    Only::Raw => *k != Kind::Relay,
-                    Only::Relay => *k == Kind::Relay,
-                });
-                if round % 2 == 1 {
-                    kinds.reverse();
-                }
-                let mut this_round: BTreeMap<Kind, f64> = BTreeMap::new();
+                let kinds = plan(args, level, round);
+                let mut this_round: BTreeMap<Kind, Sample> = BTreeMap::new();
                 for kind in kinds {
                     let window = Window::after(warmup, window_len);
                     let sample = match kind {
-                        Kind::Raw(ch) => {
+                        Kind::Raw { variant, channels } => {
                             let mut sample = measure(watched_raw(watched), window, async {
                                 let conn = broker::connect(&args.amqp_url, "hookrelay-bench-raw").await?;
+                                let setting = raw::Setting {
+                                    exchange: &raw_setup.exchange,
+                                    variant: &args.raw_variants[variant],
+                                    channels,
+                                    in_flight: level,
+                                };
                                 let logs = raw::run(
                                     &conn,
-                                    &raw_setup.exchange,
-                                    ch,
-                                    level,
+                                    setting,
                                     work.clone(),
                                     window,
                                     MAX_EVENTS_PER_MEASUREMENT,
@@ -323,6 +364,15 @@ async fn measure_all(
                                 logs
                             })
                             .await?;
+                            count_and_purge(admin, &raw_queue, &mut sample).await?;
+                            sample
+                        }
+                        Kind::Bare => {
+                            let Some(bare) = &bare else { continue };
+                            let run =
+                                load::run(bare.addr, level, work.clone(), window, MAX_EVENTS_PER_MEASUREMENT);
+                            let watched = Watched { relay: Some(bare.pid), ..watched };
+                            let mut sample = measure(watched, window, run).await?;
                             count_and_purge(admin, &raw_queue, &mut sample).await?;
                             sample
                         }
@@ -341,27 +391,46 @@ async fn measure_all(
                             sample
                         }
                     };
-                    println!("  {}", row(&kind.label(level), &sample, None));
-                    this_round.insert(kind, sample.events_per_sec);
+                    println!("  {}", report::row(&kind.label(level, &args.raw_variants), &sample, None));
+                    this_round.insert(kind, sample.clone());
                     results.samples.entry((level, kind)).or_default().push(sample);
                 }
-                let relay_eps = this_round.get(&Kind::Relay).copied();
-                let ratio = |k: Kind| Some(relay_eps? / this_round.get(&k).copied().filter(|&r| r > 0.0)?);
-                let multi = if level > 1 { Kind::Raw(args.channels) } else { Kind::Raw(1) };
-                results
-                    .ratios
-                    .entry(level)
-                    .or_default()
-                    .push(Ratio { vs_pool: ratio(multi), vs_one: ratio(Kind::Raw(1)) });
+                results.rounds.entry(level).or_default().push(this_round);
             }
             anyhow::Ok(())
         }
         .await;
+        if let Some(bare) = bare {
+            bare.stop().await;
+        }
         let stopped = relay.stop().await;
         measured?;
         results.stops.push(stopped?);
     }
     Ok(())
+}
+
+/// The settings of one level in one round: raw variants × channel counts, bare, relay;
+/// the order flips every other round.
+fn plan(args: &Args, level: usize, round: usize) -> Vec<Kind> {
+    let mut kinds = Vec::new();
+    if args.only.contains(&Side::Raw) {
+        for variant in 0..args.raw_variants.len() {
+            let mut channels: Vec<usize> = if level > 1 { args.raw_channels.clone() } else { vec![1] };
+            channels.dedup();
+            kinds.extend(channels.into_iter().map(|channels| Kind::Raw { variant, channels }));
+        }
+    }
+    if args.only.contains(&Side::Bare) {
+        kinds.push(Kind::Bare);
+    }
+    if args.only.contains(&Side::Relay) {
+        kinds.push(Kind::Relay);
+    }
+    if round % 2 == 1 {
+        kinds.reverse();
+    }
+    kinds
 }
 
 /// The raw publisher runs inside the bench: there is no relay process to watch.
@@ -385,9 +454,9 @@ where
     let (logs, (before, after)) = tokio::join!(work, sampler);
     let mut sample = stats::merge(logs?, window.length());
     let events = sample.events_per_sec * window.length().as_secs_f64();
-    sample.relay_cpu_per_10k = per_10k(before.0, after.0, events);
-    sample.broker_cpu_per_10k = per_10k(before.1, after.1, events);
-    sample.bench_cpu_per_10k = per_10k(before.2, after.2, events);
+    sample.relay_cpu_us = us_per_event(before.0, after.0, events);
+    sample.broker_cpu_us = us_per_event(before.1, after.1, events);
+    sample.bench_cpu_us = us_per_event(before.2, after.2, events);
     Ok(sample)
 }
 
@@ -460,9 +529,15 @@ fn print_header(args: &Args, setup: &RelaySetup, work: &Workload) {
         emean,
         1 + args.extra_secrets
     );
+    let variants: Vec<&str> = args.raw_variants.iter().map(|v| v.name.as_str()).collect();
     println!(
-        "  plan       {} round(s) × levels {:?}; {:.1} s warm-up + {:.1} s measured per setting; raw and relay alternate",
-        args.rounds, args.concurrency, args.warmup_secs, args.duration_secs
+        "  plan       {} round(s) × levels {:?}; {:.1} s warm-up + {:.1} s measured per setting; raw ({} on {:?} channels), bare and relay alternate",
+        args.rounds,
+        args.concurrency,
+        args.warmup_secs,
+        args.duration_secs,
+        variants.join(", "),
+        args.raw_channels
     );
     println!(
         "  machine    {cpus} CPUs, load average {}",
@@ -475,190 +550,5 @@ fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(s), Some(at)) if at > s => format!("{}://…@{}", &url[..s], &url[at + 1..]),
         _ => url.to_owned(),
-    }
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-fn mib(bytes: Option<u64>) -> String {
-    bytes.map_or("-".into(), |b| format!("{:.1} MiB", b as f64 / 1_048_576.0))
-}
-
-fn opt(v: Option<f64>, digits: usize) -> String {
-    v.map_or("-".into(), |x| format!("{x:.digits$}"))
-}
-
-const TABLE_HEAD: &str = "setting              events/s     p50 ms   p99 ms  p999 ms  relay CPU  bench CPU  broker CPU  relay peak  relay/raw";
-
-fn row(label: &str, s: &Sample, ratio: Option<String>) -> String {
-    let mut line = format!(
-        "{label:<19} {:>9.0}  {:>8.2} {:>8.2} {:>8.2}  {:>9}  {:>9}  {:>10}  {:>10}  {:>9}",
-        s.events_per_sec,
-        ms(s.p50),
-        ms(s.p99),
-        ms(s.p999),
-        opt(s.relay_cpu_per_10k, 2),
-        opt(s.bench_cpu_per_10k, 2),
-        opt(s.broker_cpu_per_10k, 2),
-        s.relay_peak_rss.map_or("-".into(), |b| format!("{:.1}M", b as f64 / 1_048_576.0)),
-        ratio.unwrap_or_else(|| "-".into()),
-    );
-    if s.failed > 0 || s.lost() > 0 {
-        line.push_str(&format!(
-            "  !! {} failed, {} acknowledged, {} in queue{}",
-            s.failed,
-            s.succeeded,
-            s.in_queue,
-            s.first_error.as_ref().map_or(String::new(), |e| format!(" (first: {e})"))
-        ));
-    } else {
-        line.push_str(&format!("  ✓ {} in queue", s.in_queue));
-    }
-    line
-}
-
-/// Prints the medians, ratios, start-up and target checks; true when no event was lost
-/// and nothing failed.
-fn report(args: &Args, r: &Results) -> bool {
-    println!(
-        "\nMedians over {} round(s) (CPU columns: seconds per 10k events; ratio: median of same-round ratios, vs raw on {} channel(s) / vs 1 channel)",
-        args.rounds, args.channels
-    );
-    println!("{TABLE_HEAD}");
-    let mut clean = true;
-    for ((level, kind), samples) in &r.samples {
-        let m = median_sample(samples);
-        for s in samples {
-            clean &= s.failed == 0 && s.lost() == 0;
-        }
-        let ratio = (*kind == Kind::Relay).then(|| {
-            let rs = r.ratios.get(level).cloned().unwrap_or_default();
-            let a = median(rs.iter().filter_map(|x| x.vs_pool).collect());
-            let b = median(rs.iter().filter_map(|x| x.vs_one).collect());
-            format!("{}/{}", opt(a, 2), opt(b, 2))
-        });
-        let spread = {
-            let eps: Vec<f64> = samples.iter().map(|s| s.events_per_sec).collect();
-            let lo = eps.iter().copied().fold(f64::INFINITY, f64::min);
-            let hi = eps.iter().copied().fold(0.0, f64::max);
-            format!("[{lo:.0}–{hi:.0}]")
-        };
-        println!("{}  {spread}", row(&kind.label(*level), &m, ratio));
-    }
-
-    println!(
-        "\nStart-up (\"connect\" = the `hookrelay started.` log line: listeners bound, broker connect begins; \
-         \"broker ready\" = `Connected to the broker.`: topology declared, channel pool open)"
-    );
-    println!(
-        "round  topology  spawn→listening  spawn→/readyz 200  spawn→broker ready  connect→broker ready  \
-         idle RSS (anon)     start-up peak  SIGTERM→exit"
-    );
-    for (i, s) in r.startups.iter().enumerate() {
-        println!(
-            "{:<5}  {:<8}  {:>12} ms  {:>14.1} ms  {:>15} ms  {:>17} ms  {:<18}  {:>13}  {:>9} ms",
-            i + 1,
-            if i == 0 { "fresh" } else { "existing" },
-            opt(s.to_started.map(ms), 1),
-            ms(s.to_ready),
-            opt(s.to_connected.map(ms), 1),
-            opt(s.connecting.map(ms), 1),
-            format!("{} ({})", mib(s.idle_rss), mib(s.idle_anon_rss)),
-            mib(s.startup_peak_rss),
-            opt(r.stops.get(i).map(|d| ms(*d)), 0),
-        );
-    }
-    let replay = |f: &dyn Fn(&broker::ConnectSteps) -> Duration| {
-        opt(median(r.replays.iter().map(|x| ms(f(x))).collect()), 1)
-    };
-    println!(
-        "the same broker steps timed by the bench (median): TCP + AMQP handshake {} ms, declare fresh topology {} ms \
-         (existing {} ms), open {} confirm channels {} ms",
-        replay(&|x| x.handshake),
-        replay(&|x| x.declare),
-        replay(&|x| x.declare_existing),
-        args.channels,
-        replay(&|x| x.channels),
-    );
-
-    println!("\nTargets");
-    let med = |level: usize, kind: Kind| r.samples.get(&(level, kind)).map(|v| median_sample(v));
-    if let Some(rs) = r.ratios.get(&64) {
-        let a = median(rs.iter().filter_map(|x| x.vs_pool).collect());
-        verdict(
-            "C=64 events/s ≥ 0.8 × raw W=64 (same channels)",
-            a.map(|a| a >= 0.8),
-            &format!(
-                "{} × (vs 1 channel: {})",
-                opt(a, 2),
-                opt(median(rs.iter().filter_map(|x| x.vs_one).collect()), 2)
-            ),
-        );
-    }
-    if let (Some(relay), Some(raw)) = (med(1, Kind::Relay), med(1, Kind::Raw(1))) {
-        let limit = raw.p99 + Duration::from_millis(1);
-        verdict(
-            "C=1 p99 ≤ broker confirm p99 (raw W=1) + 1 ms",
-            Some(relay.p99 <= limit),
-            &format!("{:.2} ms vs {:.2} ms + 1 ms", ms(relay.p99), ms(raw.p99)),
-        );
-    }
-    let top = args.concurrency.iter().copied().max().unwrap_or(0);
-    if let Some(v) = r.samples.get(&(top, Kind::Relay)) {
-        let peak = v.iter().filter_map(|s| s.relay_peak_rss).max();
-        verdict(
-            &format!("peak RSS at C={top} ≤ 32 MiB (worst round)"),
-            peak.map(|p| p <= 32 * 1_048_576),
-            &mib(peak),
-        );
-    }
-    let idle = r.startups.iter().filter_map(|s| s.idle_rss).max();
-    verdict("idle RSS ≤ 12 MiB (worst round)", idle.map(|p| p <= 12 * 1_048_576), &mib(idle));
-    let fresh = r.startups.first().and_then(|s| s.connecting.map(ms));
-    let later = median(r.startups.iter().skip(1).filter_map(|s| s.connecting.map(ms)).collect());
-    verdict(
-        "start-up ≤ 100 ms after the broker connect begins (existing topology, median)",
-        later.or(fresh).map(|a| a <= 100.0),
-        &format!("{} ms (fresh topology: {} ms)", opt(later, 1), opt(fresh, 1)),
-    );
-    println!("  (verify + envelope ≤ 5 µs per 4 KiB: cargo bench --bench verify_envelope)");
-    if clean {
-        println!("\nEvery acknowledged event was found in its queue; no request failed.");
-    } else {
-        println!("\nFAILED: some events were not acknowledged or are missing from the queue (see !! above).");
-    }
-    clean
-}
-
-fn verdict(what: &str, ok: Option<bool>, figure: &str) {
-    let mark = match ok {
-        Some(true) => "met ",
-        Some(false) => "MISS",
-        None => "n/a ",
-    };
-    println!("  [{mark}] {what}: {figure}");
-}
-
-/// Field-wise medians of several rounds of one setting.
-fn median_sample(v: &[Sample]) -> Sample {
-    let f = |get: &dyn Fn(&Sample) -> Option<f64>| median(v.iter().filter_map(get).collect());
-    let d = |get: &dyn Fn(&Sample) -> Duration| {
-        Duration::from_secs_f64(median(v.iter().map(|s| get(s).as_secs_f64()).collect()).unwrap_or(0.0))
-    };
-    Sample {
-        events_per_sec: f(&|s| Some(s.events_per_sec)).unwrap_or(0.0),
-        p50: d(&|s| s.p50),
-        p99: d(&|s| s.p99),
-        p999: d(&|s| s.p999),
-        relay_cpu_per_10k: f(&|s| s.relay_cpu_per_10k),
-        bench_cpu_per_10k: f(&|s| s.bench_cpu_per_10k),
-        broker_cpu_per_10k: f(&|s| s.broker_cpu_per_10k),
-        relay_peak_rss: f(&|s| s.relay_peak_rss.map(|b| b as f64)).map(|b| b as u64),
-        succeeded: v.iter().map(|s| s.succeeded).sum(),
-        failed: v.iter().map(|s| s.failed).sum(),
-        in_queue: v.iter().map(|s| s.in_queue).sum(),
-        first_error: v.iter().find_map(|s| s.first_error.clone()),
     }
 }

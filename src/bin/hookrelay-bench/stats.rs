@@ -34,13 +34,14 @@ pub struct Sample {
     pub p50: Duration,
     pub p99: Duration,
     pub p999: Duration,
-    /// Relay CPU seconds per 10k events over the window (relay runs only).
-    pub relay_cpu_per_10k: Option<f64>,
-    /// The bench process's own CPU seconds per 10k events (load generator or publisher).
-    pub bench_cpu_per_10k: Option<f64>,
-    /// The broker's CPU seconds per 10k events.
-    pub broker_cpu_per_10k: Option<f64>,
-    /// Relay peak RSS during this setting, bytes (relay runs only).
+    /// CPU µs per event of the relay under test (hookrelay or the bare relay) over the
+    /// window; none for raw runs.
+    pub relay_cpu_us: Option<f64>,
+    /// The bench process's own CPU µs per event (load generator or publisher).
+    pub bench_cpu_us: Option<f64>,
+    /// The broker's CPU µs per event.
+    pub broker_cpu_us: Option<f64>,
+    /// Relay peak RSS during this setting, bytes (hookrelay runs only).
     pub relay_peak_rss: Option<u64>,
     /// Successes over the whole run (the count the queue must hold).
     pub succeeded: u64,
@@ -99,10 +100,10 @@ pub fn median(mut v: Vec<f64>) -> Option<f64> {
     Some(if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 })
 }
 
-/// CPU seconds per 10k events from two CPU readings.
-pub fn per_10k(before: Option<f64>, after: Option<f64>, events: f64) -> Option<f64> {
+/// CPU µs per event from two readings of CPU seconds.
+pub fn us_per_event(before: Option<f64>, after: Option<f64>, events: f64) -> Option<f64> {
     let (b, a) = (before?, after?);
-    (events > 0.0).then(|| (a - b) / events * 10_000.0)
+    (events > 0.0).then(|| (a - b) / events * 1e6)
 }
 
 #[cfg(test)]
