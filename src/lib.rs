@@ -27,7 +27,7 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::http::admin::{Admin, Readiness};
-use crate::http::ingest::Ingest;
+use crate::http::ingest::{Ingest, IngestSettings};
 use crate::http::{ServeOptions, serve};
 use crate::metrics::Metrics;
 use crate::publish::amqp::AmqpPublisher;
@@ -121,7 +121,8 @@ impl Relay {
             warn!(warning = %warning, "Configuration warning.");
         }
         let metrics =
-            Metrics::new(config.sources.iter().map(|s| s.name.as_str())).context("metrics registry")?;
+            Metrics::new(config.sources.iter().map(|s| (s.name.as_str(), s.verifier.known_events())))
+                .context("metrics registry")?;
         let (spool, spool_lock) = match open_spool(&config, &metrics).await? {
             Some((spool, lock)) => (Some(spool), Some(lock)),
             None => (None, None),
@@ -168,14 +169,14 @@ impl Relay {
             stages.admin.clone().cancelled_owned(),
         ));
 
-        let ingest = Arc::new(Ingest::new(
-            config.sources.iter().cloned(),
-            publisher.clone(),
-            metrics.clone(),
-            config.http.max_body_bytes,
-            config.http.request_timeout,
-            config.http.retry_after_secs,
-        ));
+        let ingest = Arc::new(Ingest::new(IngestSettings {
+            sources: config.sources.clone(),
+            publisher: publisher.clone(),
+            metrics: metrics.clone(),
+            max_body_bytes: config.http.max_body_bytes,
+            request_timeout: config.http.request_timeout,
+            retry_after_secs: config.http.retry_after_secs,
+        }));
         let ingest_opts = ServeOptions {
             max_connections: config.http.max_connections,
             header_read_timeout: config.http.header_read_timeout,

@@ -2,7 +2,8 @@
 //! methods (`signature_failed(source, reason)`) and stay one line long.
 //!
 //! Label values only ever come from bounded sets: configured source names (or
-//! `_unknown`), known trigger names (or `other`), and the fixed reason lists below.
+//! `_unknown`), each source's provider's documented event names (or `other`), and the
+//! reason enums below, whose `ALL` is what gets pre-registered.
 
 use std::time::Duration;
 
@@ -10,27 +11,71 @@ use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
 
-use crate::verify::KnownTrigger;
+pub use crate::verify::SignatureError as SignatureReason;
 
 /// Source label for requests that named no configured source.
 pub const UNKNOWN_SOURCE: &str = "_unknown";
 
-/// Reasons a request is refused before or after verification (not signatures).
-pub const REJECT_REASONS: [&str; 10] = [
-    "unknown_source",
-    "method_not_allowed",
-    "not_found",
-    "body_too_large",
-    "bad_event_header",
-    "invalid_json",
-    "timeout",
-    "rate_limited",
-    "ip_denied",
-    "body_unreadable",
-];
+/// Why a request was refused before or after verification (not its signature).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reject {
+    /// `/webhooks/{name}` names no configured source.
+    UnknownSource,
+    /// Not a POST.
+    MethodNotAllowed,
+    /// A path outside `/webhooks/`.
+    NotFound,
+    /// Over `http.max_body_bytes`.
+    BodyTooLarge,
+    /// The event header is missing, malformed or duplicated.
+    BadEventHeader,
+    /// The event name read from the body is missing or malformed.
+    BadEvent,
+    /// A body that must be JSON is not.
+    InvalidJson,
+    /// The body did not arrive in time.
+    Timeout,
+    /// The source's rate limit was reached.
+    RateLimited,
+    /// The peer address is outside the source's allowlist.
+    IpDenied,
+    /// The body could not be read.
+    BodyUnreadable,
+}
 
-/// Reasons a signature fails.
-pub const SIGNATURE_REASONS: [&str; 3] = ["missing", "malformed", "mismatch"];
+impl Reject {
+    /// Every reason, for pre-registering metric series.
+    pub const ALL: [Reject; 11] = [
+        Reject::UnknownSource,
+        Reject::MethodNotAllowed,
+        Reject::NotFound,
+        Reject::BodyTooLarge,
+        Reject::BadEventHeader,
+        Reject::BadEvent,
+        Reject::InvalidJson,
+        Reject::Timeout,
+        Reject::RateLimited,
+        Reject::IpDenied,
+        Reject::BodyUnreadable,
+    ];
+
+    /// The metric label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reject::UnknownSource => "unknown_source",
+            Reject::MethodNotAllowed => "method_not_allowed",
+            Reject::NotFound => "not_found",
+            Reject::BodyTooLarge => "body_too_large",
+            Reject::BadEventHeader => "bad_event_header",
+            Reject::BadEvent => "bad_event",
+            Reject::InvalidJson => "invalid_json",
+            Reject::Timeout => "timeout",
+            Reject::RateLimited => "rate_limited",
+            Reject::IpDenied => "ip_denied",
+            Reject::BodyUnreadable => "body_unreadable",
+        }
+    }
+}
 
 /// Reasons a publish attempt fails.
 pub const PUBLISH_FAILURE_REASONS: [&str; 6] =
@@ -98,8 +143,11 @@ const LATENCY_BUCKETS: [f64; 16] =
 
 impl Metrics {
     /// Creates the registry with every series of every configured source at zero, so
-    /// dashboards and alerts see them before the first event.
-    pub fn new<'a>(sources: impl IntoIterator<Item = &'a str>) -> prometheus::Result<Self> {
+    /// dashboards and alerts see them before the first event. Each source comes with
+    /// the event labels its provider documents (`other` is always added).
+    pub fn new<'a>(
+        sources: impl IntoIterator<Item = (&'a str, &'static [&'static str])>,
+    ) -> prometheus::Result<Self> {
         let registry = Registry::new();
         let m = Metrics {
             received: counter(
@@ -111,7 +159,7 @@ impl Metrics {
             signature_failures: counter(
                 &registry,
                 "hookrelay_signature_failures_total",
-                "Requests refused with 401, by source and reason (missing, malformed, mismatch).",
+                "Requests refused with 401, by source and reason (missing, malformed, mismatch, stale).",
                 &["source", "reason"],
             )?,
             rejected: counter(
@@ -123,7 +171,7 @@ impl Metrics {
             published: counter(
                 &registry,
                 "hookrelay_events_published_total",
-                "Events the broker confirmed, by source and event (known trigger or other).",
+                "Events the broker confirmed, by source and event (a name the provider documents, or other).",
                 &["source", "event"],
             )?,
             publish_failures: counter(
@@ -239,19 +287,20 @@ impl Metrics {
         #[cfg(target_os = "linux")]
         m.registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
 
-        for source in sources.into_iter().chain([UNKNOWN_SOURCE]) {
+        let none: &'static [&'static str] = &[];
+        for (source, events) in sources.into_iter().chain([(UNKNOWN_SOURCE, none)]) {
             m.received.with_label_values(&[source]);
-            for reason in REJECT_REASONS {
-                m.rejected.with_label_values(&[source, reason]);
+            for reason in Reject::ALL {
+                m.rejected.with_label_values(&[source, reason.as_str()]);
             }
             if source == UNKNOWN_SOURCE {
                 continue;
             }
-            for reason in SIGNATURE_REASONS {
-                m.signature_failures.with_label_values(&[source, reason]);
+            for reason in SignatureReason::ALL {
+                m.signature_failures.with_label_values(&[source, reason.as_str()]);
             }
-            for trigger in KnownTrigger::ALL {
-                m.published.with_label_values(&[source, trigger.as_str()]);
+            for event in events {
+                m.published.with_label_values(&[source, event]);
             }
             m.published.with_label_values(&[source, "other"]);
             for reason in PUBLISH_FAILURE_REASONS {
@@ -286,13 +335,13 @@ impl Metrics {
     }
 
     /// A signature check failed.
-    pub fn signature_failed(&self, source: &str, reason: &'static str) {
-        self.signature_failures.with_label_values(&[source, reason]).inc();
+    pub fn signature_failed(&self, source: &str, reason: SignatureReason) {
+        self.signature_failures.with_label_values(&[source, reason.as_str()]).inc();
     }
 
-    /// A request was refused for a reason in [`REJECT_REASONS`].
-    pub fn rejected(&self, source: &str, reason: &'static str) {
-        self.rejected.with_label_values(&[source, reason]).inc();
+    /// A request was refused for a reason other than its signature.
+    pub fn rejected(&self, source: &str, reason: Reject) {
+        self.rejected.with_label_values(&[source, reason.as_str()]).inc();
     }
 
     /// The broker confirmed an event.

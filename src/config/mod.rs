@@ -28,7 +28,7 @@ pub use self::http::{AdminSettings, HttpConfig, HttpSettings};
 pub use self::load::{CONFIG_FILE_ENV, ENV_PREFIX, load, load_from};
 pub use self::log::{LogFormat, LogSettings, ShutdownSettings};
 pub use self::one_or_many::OneOrMany;
-pub use self::source::{RateLimit, SourceConfig, SourceKind, SourceSettings};
+pub use self::source::{DEFAULT_TOLERANCE_SECS, RateLimit, SourceConfig, SourceSettings};
 pub use self::spool::{SpoolConfig, SpoolSettings};
 
 /// The whole settings tree as written by the user.

@@ -1,30 +1,34 @@
-//! The `[sources.<name>]` sections: each source's kind, secrets (inline or from
-//! files), rate limit and allowlist, validated into a [`SourceConfig`].
+//! The `[sources.<name>]` sections: each source's provider kind and its keys,
+//! secrets (inline or from files), rate limit and allowlist, validated into a
+//! [`SourceConfig`] whose verifier the kind's registered constructor builds.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 use super::{ConfigError, OneOrMany, invalid};
 use crate::allowlist::{Allowlist, Cidr};
-use crate::verify::patreon::PatreonVerifier;
+use crate::verify::{self, KindOptions, Provider, ProviderSettings};
 
-/// The kinds of source the relay can verify.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum SourceKind {
-    /// Patreon: HMAC-MD5 in `X-Patreon-Signature`.
-    Patreon,
+/// Default of `tolerance_secs`.
+pub const DEFAULT_TOLERANCE_SECS: u64 = 300;
+
+fn default_tolerance_secs() -> u64 {
+    DEFAULT_TOLERANCE_SECS
 }
 
 /// `[sources.<name>]`
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceSettings {
-    /// The signature scheme: `patreon`.
-    pub kind: SourceKind,
+    /// The provider kind: `patreon`, `github`, `stripe`, `shopify`, `slack`,
+    /// `standard-webhooks` or `hmac` (README, "Providers"). Required; an unknown kind
+    /// stops start-up.
+    pub kind: String,
     /// Secrets that may sign, inline (any of them verifies a delivery).
     #[serde(default)]
     pub secrets: OneOrMany<SecretString>,
@@ -34,6 +38,35 @@ pub struct SourceSettings {
     /// CloudEvents `source` attribute; defaults to `/webhooks/{name}`.
     #[serde(default)]
     pub cloudevents_source: Option<String>,
+    /// CloudEvents `type` prefix (the type is `{type_prefix}.{event}`); defaults to
+    /// the kind's (`com.patreon`, `com.github`, `com.stripe`, `com.shopify`,
+    /// `com.slack`) or, for `standard-webhooks` and `hmac`, the source name.
+    #[serde(default)]
+    pub type_prefix: Option<String>,
+    /// Timestamped schemes (`stripe`, `slack`, `standard-webhooks`): how far the signed
+    /// timestamp may be from now, in seconds, past or future, before a delivery is
+    /// refused as `stale`; `0` turns the check off.
+    #[serde(default = "default_tolerance_secs")]
+    pub tolerance_secs: u64,
+    /// `hmac` kind: the header carrying the signature (required for that kind).
+    #[serde(default)]
+    pub signature_header: Option<String>,
+    /// `hmac` kind: `md5`, `sha1`, `sha256` (default) or `sha512`.
+    #[serde(default)]
+    pub algorithm: Option<String>,
+    /// `hmac` kind: how the digest is written, `hex` (default; either case) or `base64`.
+    #[serde(default)]
+    pub encoding: Option<String>,
+    /// `hmac` kind: text before the digest in the header, e.g. `sha256=`; default none.
+    #[serde(default)]
+    pub signature_prefix: Option<String>,
+    /// `hmac` kind: the header naming the event; without it every event is `webhook`.
+    #[serde(default)]
+    pub event_header: Option<String>,
+    /// `hmac` kind: the header carrying the sender's delivery id (the event id is then
+    /// derived from it, so a retry keeps its id).
+    #[serde(default)]
+    pub id_header: Option<String>,
     /// Requests per second this source accepts before answering 429 with `Retry-After`;
     /// `0` (the default) turns the limit off. Checked before the body is read or the
     /// signature computed, so a flood is refused cheaply (and forged requests use the
@@ -57,12 +90,14 @@ pub struct SourceSettings {
 pub struct SourceConfig {
     /// Name: the path segment and routing-key prefix.
     pub name: String,
-    /// Signature scheme.
-    pub kind: SourceKind,
+    /// Provider kind, as configured.
+    pub kind: String,
     /// CloudEvents `source`.
     pub cloudevents_source: String,
-    /// Keyed verifier holding the secrets (redacted `Debug`).
-    pub verifier: PatreonVerifier,
+    /// CloudEvents `type` prefix (no trailing dot).
+    pub type_prefix: String,
+    /// The kind's keyed verifier holding the secrets (redacted `Debug`).
+    pub verifier: Arc<dyn Provider>,
     /// Per-source rate limit; `None` when off.
     pub rate_limit: Option<RateLimit>,
     /// Networks allowed to post; empty allows every address.
@@ -83,6 +118,14 @@ fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+/// A CloudEvents type prefix that keeps the type a plain dotted name.
+fn valid_type_prefix(prefix: &str) -> bool {
+    !prefix.is_empty()
+        && prefix.len() <= 128
+        && !prefix.ends_with('.')
+        && prefix.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// The source names, checked: at least one, each usable everywhere a name goes.
@@ -120,8 +163,38 @@ impl SourceSettings {
     fn validate(self, name: String, warnings: &mut Vec<String>) -> Result<SourceConfig, ConfigError> {
         check_name(&name)?;
         let key = format!("sources.{name}");
+        let kind = verify::kind(&self.kind).ok_or_else(|| {
+            let kinds: Vec<&str> = verify::kind_names().collect();
+            invalid(
+                format!("{key}.kind"),
+                format!("unknown kind `{}`; use one of: {}", self.kind, kinds.join(", ")),
+            )
+        })?;
         let secrets = secrets(&key, self.secrets, &self.secret_files, warnings)?;
-        let verifier = PatreonVerifier::new(secrets.iter().map(|s| s.expose_secret().as_bytes()));
+        let options = KindOptions {
+            signature_header: self.signature_header,
+            algorithm: self.algorithm,
+            encoding: self.encoding,
+            signature_prefix: self.signature_prefix,
+            event_header: self.event_header,
+            id_header: self.id_header,
+        };
+        let provider_settings = ProviderSettings {
+            secrets: secrets.iter().map(|s| s.expose_secret().as_bytes()).collect(),
+            tolerance: (self.tolerance_secs > 0).then(|| Duration::from_secs(self.tolerance_secs)),
+            options: &options,
+        };
+        let verifier: Arc<dyn Provider> = Arc::from(
+            (kind.build)(&provider_settings).map_err(|e| invalid(format!("{key}.{}", e.key), e.problem))?,
+        );
+        let type_prefix = match self.type_prefix {
+            Some(prefix) if valid_type_prefix(&prefix) => prefix,
+            Some(_) => {
+                let problem = "use 1-128 characters of [A-Za-z0-9._-], not ending in a dot";
+                return Err(invalid(format!("{key}.type_prefix"), problem));
+            }
+            None => kind.default_type_prefix.unwrap_or(&name).to_owned(),
+        };
         let rate_limit = match (self.rate_limit_per_sec, self.rate_limit_burst) {
             (0, None) => None,
             (0, Some(_)) => {
@@ -138,6 +211,7 @@ impl SourceSettings {
             cloudevents_source: self.cloudevents_source.unwrap_or_else(|| format!("/webhooks/{name}")),
             name,
             kind: self.kind,
+            type_prefix,
             verifier,
             rate_limit,
         })
@@ -272,6 +346,61 @@ mod tests {
             let err = error_of(Some(&text), &env(&[]));
             assert!(err.contains(key), "{extra}: {err}");
         }
+    }
+
+    #[test]
+    fn kinds_are_validated_and_name_the_key() {
+        let err = error_of(Some("[sources.x]\nkind = \"patron\"\nsecrets = \"s\"\n"), &env(&[]));
+        assert!(err.contains("sources.x.kind") && err.contains("patron") && err.contains("github"), "{err}");
+        let err = error_of(
+            Some("[sources.x]\nkind = \"github\"\nsecrets = \"s\"\nalgorithm = \"md5\"\n"),
+            &env(&[]),
+        );
+        assert!(err.contains("sources.x.algorithm") && err.contains("hmac"), "{err}");
+        let err = error_of(Some("[sources.x]\nkind = \"hmac\"\nsecrets = \"s\"\n"), &env(&[]));
+        assert!(err.contains("sources.x.signature_header"), "{err}");
+        let err = error_of(
+            Some("[sources.x]\nkind = \"standard-webhooks\"\nsecrets = \"whsec_not-base64-NOT-REAL!\"\n"),
+            &env(&[]),
+        );
+        assert!(err.contains("sources.x.secrets") && !err.contains("NOT-REAL"), "{err}");
+        let err = error_of(
+            Some("[sources.x]\nkind = \"github\"\nsecrets = \"s\"\ntype_prefix = \"com.x.\"\n"),
+            &env(&[]),
+        );
+        assert!(err.contains("sources.x.type_prefix"), "{err}");
+        let err = error_of(
+            None,
+            &env(&[("HOOKRELAY_SOURCES__Y__KIND", "nope"), ("HOOKRELAY_SOURCES__Y__SECRETS", "s")]),
+        );
+        assert!(err.contains("sources.y.kind"), "{err}");
+    }
+
+    #[test]
+    fn kinds_get_their_defaults_and_keys() {
+        let text = concat!(
+            "[sources.gh]\nkind = \"github\"\nsecrets = [\"a\", \"b\"]\n",
+            "[sources.sw]\nkind = \"standard-webhooks\"\nsecrets = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\ntolerance_secs = 0\n",
+            "[sources.generic]\nkind = \"hmac\"\nsecrets = \"s\"\nsignature_header = \"X-Sig\"\nalgorithm = \"sha1\"\n",
+            "encoding = \"base64\"\nsignature_prefix = \"sha1=\"\nevent_header = \"X-Event\"\nid_header = \"X-Id\"\n",
+            "type_prefix = \"org.example\"\n",
+        );
+        let cfg = load(Some(text), &env(&[])).unwrap().validate().unwrap();
+        let by = |n: &str| cfg.sources.iter().find(|s| s.name == n).unwrap();
+        assert_eq!(by("gh").type_prefix, "com.github");
+        assert_eq!(by("gh").verifier.secret_count(), 2);
+        assert_eq!(by("sw").type_prefix, "sw");
+        assert_eq!(by("generic").type_prefix, "org.example");
+        let names: Vec<&str> = by("generic").verifier.unique_headers().iter().map(|h| h.as_str()).collect();
+        assert_eq!(names, ["x-sig", "x-event", "x-id"]);
+        let e = env(&[
+            ("HOOKRELAY_SOURCES__ST__KIND", "stripe"),
+            ("HOOKRELAY_SOURCES__ST__SECRETS", "whsec_x"),
+            ("HOOKRELAY_SOURCES__ST__TOLERANCE_SECS", "60"),
+        ]);
+        let cfg = load(None, &e).unwrap().validate().unwrap();
+        assert_eq!(cfg.sources[0].type_prefix, "com.stripe");
+        assert_eq!(DEFAULT_TOLERANCE_SECS, 300);
     }
 
     #[cfg(unix)]

@@ -1,11 +1,13 @@
-//! `POST /webhooks/{source}`: allowlist → method → rate limit → limits → signature →
-//! event header → JSON → envelope → publish → answer. Nothing about an
-//! unauthenticated request is parsed beyond its headers, and the answer is 2xx only
-//! once the publisher says the event is durable.
+//! `POST /webhooks/{source}`: allowlist → method → rate limit → limits → the source's
+//! provider (signature → event name → JSON) → envelope → publish → answer. Nothing
+//! about an unauthenticated request is parsed beyond its headers, and the answer is
+//! 2xx only once the publisher says the event is durable. Names no provider: each
+//! source's verifier says which headers must be single and what a delivery is.
 //!
 //! Cost of a refusal: an address outside the allowlist, a wrong method, an exhausted
 //! rate limit, a declared `Content-Length` over the limit and a duplicated signature
-//! or event header are all refused from the head alone, before a byte of the body is
+//! or event header (any header the provider names) are all refused from the head
+//! alone, before a byte of the body is
 //! read. A bad signature costs reading the body (at most `max_body_bytes`, within the
 //! request timeout) and one HMAC per configured secret, since the signature covers
 //! the body; the body is never parsed before the signature checks out.
@@ -26,11 +28,10 @@ use super::pool::ConnectionSlot;
 use super::ratelimit::{RateLimiter, retry_after_secs};
 use super::{HttpResponse, PeerAddr};
 use crate::config::SourceConfig;
-use crate::envelope;
-use crate::metrics::{Metrics, UNKNOWN_SOURCE};
+use crate::envelope::{self, Target};
+use crate::metrics::{Metrics, Reject, UNKNOWN_SOURCE};
 use crate::publish::{Delivered, Outgoing, PublishError, Publisher};
-use crate::verify::patreon::{EVENT_HEADER, SIGNATURE_HEADER};
-use crate::verify::{SignatureError, TriggerError, VerifyError};
+use crate::verify::{EventSource, VerifyError};
 
 /// Path prefix of the webhook route.
 pub const ROUTE_PREFIX: &str = "/webhooks/";
@@ -58,16 +59,28 @@ impl<P> std::fmt::Debug for Ingest<P> {
     }
 }
 
+/// Everything the ingest handler is built from.
+#[derive(Debug)]
+pub struct IngestSettings<P> {
+    /// The configured sources.
+    pub sources: Vec<SourceConfig>,
+    /// Where verified events go.
+    pub publisher: Arc<P>,
+    /// The relay's metrics.
+    pub metrics: Metrics,
+    /// Largest body read; larger ones get 413.
+    pub max_body_bytes: u64,
+    /// Time a client has to send the whole body; then 408.
+    pub request_timeout: Duration,
+    /// Seconds sent in `Retry-After` with 503.
+    pub retry_after_secs: u64,
+}
+
 impl<P: Publisher> Ingest<P> {
     /// Builds the handler state.
-    pub fn new(
-        sources: impl IntoIterator<Item = SourceConfig>,
-        publisher: Arc<P>,
-        metrics: Metrics,
-        max_body_bytes: u64,
-        request_timeout: Duration,
-        retry_after_secs: u64,
-    ) -> Self {
+    pub fn new(settings: IngestSettings<P>) -> Self {
+        let IngestSettings { sources, publisher, metrics, max_body_bytes, request_timeout, retry_after_secs } =
+            settings;
         Ingest {
             sources: sources
                 .into_iter()
@@ -94,7 +107,7 @@ impl<P: Publisher> Ingest<P> {
             "webhook",
             source = source.map_or(UNKNOWN_SOURCE, |s| s.config.name.as_str()),
             peer = field::Empty,
-            trigger = field::Empty,
+            event = field::Empty,
             event_id = field::Empty,
         );
         if let Some(PeerAddr(peer)) = req.extensions().get::<PeerAddr>() {
@@ -117,20 +130,23 @@ impl<P: Publisher> Ingest<P> {
 
     async fn route(&self, req: Request<Incoming>, source: Option<&Source>) -> HttpResponse {
         let Some(Source { config: source, limiter }) = source else {
-            let reason =
-                if req.uri().path().starts_with(ROUTE_PREFIX) { "unknown_source" } else { "not_found" };
+            let reason = if req.uri().path().starts_with(ROUTE_PREFIX) {
+                Reject::UnknownSource
+            } else {
+                Reject::NotFound
+            };
             self.metrics.rejected(UNKNOWN_SOURCE, reason);
             return error(StatusCode::NOT_FOUND, "not found");
         };
         // Before anything else: a denied address learns nothing more, costs nothing more.
         let peer = req.extensions().get::<PeerAddr>().map(|p| p.0.ip());
         if !source.allowlist.allows(peer) {
-            self.metrics.rejected(&source.name, "ip_denied");
+            self.metrics.rejected(&source.name, Reject::IpDenied);
             debug!("Address not allowed for this source.");
             return closing(error(StatusCode::FORBIDDEN, "forbidden"));
         }
         if req.method() != Method::POST {
-            self.metrics.rejected(&source.name, "method_not_allowed");
+            self.metrics.rejected(&source.name, Reject::MethodNotAllowed);
             let mut resp = error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
             resp.headers_mut().insert(ALLOW, HeaderValue::from_static("POST"));
             return resp;
@@ -141,7 +157,7 @@ impl<P: Publisher> Ingest<P> {
         if let Some(limiter) = limiter
             && let Err(wait) = limiter.check(Instant::now())
         {
-            self.metrics.rejected(&source.name, "rate_limited");
+            self.metrics.rejected(&source.name, Reject::RateLimited);
             debug!(wait_ms = wait.as_millis() as u64, "Rate limit reached.");
             let mut resp = closing(error(StatusCode::TOO_MANY_REQUESTS, "rate limit reached"));
             resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from(retry_after_secs(wait)));
@@ -158,19 +174,17 @@ impl<P: Publisher> Ingest<P> {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|len| len > self.max_body_bytes) {
-            self.metrics.rejected(name, "body_too_large");
+            self.metrics.rejected(name, Reject::BodyTooLarge);
             return too_large();
         }
-        // Two signatures or two triggers are ambiguous (a proxy may pick the other one):
-        // refuse them from the head, before reading the body.
-        if req.headers().get_all(SIGNATURE_HEADER).iter().nth(1).is_some() {
-            self.metrics.signature_failed(name, SignatureError::Malformed.label());
-            info!(reason = "duplicated", "Signature refused.");
-            return closing(error(StatusCode::UNAUTHORIZED, "invalid signature"));
-        }
-        if req.headers().get_all(EVENT_HEADER).iter().nth(1).is_some() {
-            self.metrics.rejected(name, "bad_event_header");
-            return closing(error(StatusCode::BAD_REQUEST, "duplicated X-Patreon-Event header"));
+        // Two signatures or two event names are ambiguous (a proxy may pick the other
+        // one): refuse them from the head, before reading the body.
+        let verifier = &source.verifier;
+        for single in verifier.unique_headers() {
+            if req.headers().get_all(single).iter().nth(1).is_some() {
+                debug!(header = %single, "Header repeated.");
+                return closing(self.refuse(name, verifier.repeated(single)));
+            }
         }
         let (parts, body) = req.into_parts();
         let limit = usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX);
@@ -179,59 +193,50 @@ impl<P: Publisher> Ingest<P> {
         let collected = tokio::time::timeout(self.request_timeout, Limited::new(body, limit).collect()).await;
         if reading.is_some_and(|r| !r.finish()) {
             // Chosen for closing while the body was slow: the sender will not hear back.
-            self.metrics.rejected(name, "timeout");
+            self.metrics.rejected(name, Reject::Timeout);
             return closing(error(StatusCode::REQUEST_TIMEOUT, "request body not received in time"));
         }
         let body: Bytes = match collected {
             Err(_) => {
-                self.metrics.rejected(name, "timeout");
+                self.metrics.rejected(name, Reject::Timeout);
                 let mut resp = error(StatusCode::REQUEST_TIMEOUT, "request body not received in time");
                 resp.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
                 return resp;
             }
             Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-                self.metrics.rejected(name, "body_too_large");
+                self.metrics.rejected(name, Reject::BodyTooLarge);
                 return too_large();
             }
             Ok(Err(e)) => {
                 // The client went away or sent a broken body; it will not read this answer.
                 debug!(error = %e, "Reading the body failed.");
-                self.metrics.rejected(name, "body_unreadable");
+                self.metrics.rejected(name, Reject::BodyUnreadable);
                 return error(StatusCode::BAD_REQUEST, "request body could not be read");
             }
             Ok(Ok(collected)) => collected.to_bytes(),
         };
 
-        let signature = parts.headers.get(SIGNATURE_HEADER).map(HeaderValue::as_bytes);
-        let event = parts.headers.get(EVENT_HEADER).map(HeaderValue::as_bytes);
-        let verified = match source.verifier.verify(signature, event, &body) {
+        let now = SystemTime::now();
+        let verified = match verifier.verify(&parts.headers, &body, now) {
             Ok(v) => v,
-            Err(VerifyError::Signature(e)) => {
-                self.metrics.signature_failed(name, e.label());
-                info!(reason = e.label(), "Signature refused.");
-                return error(StatusCode::UNAUTHORIZED, "invalid signature");
-            }
-            Err(VerifyError::Trigger(e)) => {
-                self.metrics.rejected(name, "bad_event_header");
-                let text = match e {
-                    TriggerError::Missing => "missing X-Patreon-Event header",
-                    TriggerError::Malformed => "malformed X-Patreon-Event header",
-                };
-                return error(StatusCode::BAD_REQUEST, text);
-            }
+            Err(e) => return self.refuse(name, e),
         };
         let span = tracing::Span::current();
-        span.record("trigger", verified.trigger().as_str());
+        span.record("event", verified.event());
+        if let Some(reply) = verified.reply() {
+            // A handshake (Slack's URL verification): answered, nothing published.
+            info!("Handshake answered.");
+            return json_response(StatusCode::OK, reply.to_vec());
+        }
 
-        let envelope = match envelope::build(&verified, name, &source.cloudevents_source, SystemTime::now()) {
-            Ok(e) => e,
-            Err(e) => {
-                self.metrics.rejected(name, "invalid_json");
-                return error(StatusCode::BAD_REQUEST, &e.to_string());
-            }
+        let target = Target {
+            source_name: name,
+            ce_source: &source.cloudevents_source,
+            type_prefix: &source.type_prefix,
         };
+        let envelope = envelope::build(&verified, &target, now);
         span.record("event_id", envelope.id.as_str());
-        let event_label = verified.trigger().label();
+        let event_label = verified.label();
 
         let outgoing = Outgoing { source: name, event_label, envelope: &envelope };
         match self.publisher.publish(outgoing).await {
@@ -246,6 +251,29 @@ impl<P: Publisher> Ingest<P> {
                 self.metrics.publish_failed(name, e.label());
                 warn!(reason = e.label(), "Event not durable; asking the sender to retry.");
                 self.unavailable(e)
+            }
+        }
+    }
+
+    /// Counts and answers a delivery the source's verifier refused.
+    fn refuse(&self, name: &str, e: VerifyError) -> HttpResponse {
+        match e {
+            VerifyError::Signature(reason) => {
+                self.metrics.signature_failed(name, reason);
+                info!(reason = reason.as_str(), "Signature refused.");
+                error(StatusCode::UNAUTHORIZED, "invalid signature")
+            }
+            VerifyError::Event(e) => {
+                let reason = match e.source() {
+                    EventSource::Header(_) => Reject::BadEventHeader,
+                    EventSource::Body(_) => Reject::BadEvent,
+                };
+                self.metrics.rejected(name, reason);
+                error(StatusCode::BAD_REQUEST, &e.to_string())
+            }
+            VerifyError::Json(e) => {
+                self.metrics.rejected(name, Reject::InvalidJson);
+                error(StatusCode::BAD_REQUEST, &e.to_string())
             }
         }
     }

@@ -221,6 +221,7 @@ fn unparseable(record: &SpoolRecord) -> Envelope {
         time: String::new(),
         unix_seconds: 0,
         subject: None,
+        delivery_id: None,
         routing_key: record.routing_key.clone(),
         body: record.envelope.clone(),
     }
@@ -241,7 +242,7 @@ mod tests {
     use crate::spool::SpoolOptions;
 
     fn metrics() -> Metrics {
-        Metrics::new(["patreon"]).unwrap()
+        Metrics::new([("patreon", &[] as &[&str])]).unwrap()
     }
 
     async fn durable(broker: &FakeBroker, dir: &TempDir, max_bytes: u64) -> DurablePublisher<FakeBroker> {

@@ -144,6 +144,7 @@ pub fn envelope(id: &str) -> Envelope {
         time: "2024-07-01T12:00:00.000000Z".into(),
         unix_seconds: 1_719_835_200,
         subject: None,
+        delivery_id: None,
         routing_key: "patreon.members.create".into(),
         body: bytes::Bytes::from(format!(r#"{{"id":"{id}"}}"#)),
     }

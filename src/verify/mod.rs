@@ -1,53 +1,150 @@
-//! Proves that a webhook is authentic, one file per signature scheme.
+//! Proves that a webhook is authentic and says what it is: one module per provider
+//! kind behind the one [`Provider`] interface.
 //!
-//! Pure: takes bytes and header values, returns typed results, knows nothing of HTTP
-//! servers, brokers or runtimes. A [`Verified`] value can only be made by a verifier,
-//! so code that needs an authenticated body (the envelope) cannot be handed an
+//! Pure: takes the request headers, the raw body and the current time (injected,
+//! never read here), returns typed results, and knows nothing of HTTP servers,
+//! brokers or runtimes. A [`Verified`] value can only be made in this module tree, so
+//! code that needs an authenticated body (the envelope) cannot be handed an
 //! unverified one by mistake.
+//!
+//! # The interface
+//!
+//! ```text
+//! trait Provider {
+//!     fn unique_headers(&self) -> &[HeaderName];     // refused twice, from the head
+//!     fn repeated(&self, &HeaderName) -> VerifyError; // ... as what (default: malformed)
+//!     fn secret_count(&self) -> usize;
+//!     fn known_events(&self) -> &'static [&'static str]; // bounded `event` labels
+//!     fn verify(&self, headers, body, now) -> Result<Verified, VerifyError>;
+//! }
+//! Verified { body, event name, label, delivery id?, subject?, data: Json | Binary, reply? }
+//! VerifyError = Signature(missing | malformed | mismatch | stale)   → 401
+//!             | Event(missing | malformed, from a header or the body) → 400
+//!             | Json(invalid | too deep)                              → 400
+//! ```
+//!
+//! A kind is registered once in [`KINDS`] with its name, its default CloudEvents
+//! type prefix and a constructor from [`ProviderSettings`]. Adding a provider is one
+//! new file here and one line in [`KINDS`]; nothing outside this module names one.
 
+pub mod event;
+pub mod github;
+pub mod hmac_generic;
+pub mod json;
+mod keys;
 pub mod patreon;
+pub mod shopify;
+pub mod slack;
+pub mod standard;
+pub mod stripe;
 pub mod trigger;
 
+use std::borrow::Cow;
+use std::time::{Duration, SystemTime};
+
+pub use event::{EventError, EventSource};
+pub use http::{HeaderMap, HeaderName};
+pub use json::JsonError;
 pub use trigger::{KnownTrigger, Trigger, TriggerError};
 
 /// Why a signature was refused. Each variant is one bounded metric label; all of them
 /// answer 401 with the same text, so a caller learns nothing about which check failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum SignatureError {
-    /// The signature header is absent.
+    /// The signature header (or a header the scheme signs, like its timestamp) is absent.
     #[error("invalid signature")]
     Missing,
-    /// The header is present but is not a digest of the expected shape.
+    /// A header is present but is not of the expected shape.
     #[error("invalid signature")]
     Malformed,
     /// The header is well formed but no configured secret produces it.
     #[error("invalid signature")]
     Mismatch,
+    /// The signed timestamp is further from now than the source's tolerance (past or future).
+    #[error("invalid signature")]
+    Stale,
 }
 
 impl SignatureError {
+    /// Every reason, for pre-registering metric series.
+    pub const ALL: [SignatureError; 4] =
+        [SignatureError::Missing, SignatureError::Malformed, SignatureError::Mismatch, SignatureError::Stale];
+
     /// The metric label value for this failure.
-    pub fn label(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             SignatureError::Missing => "missing",
             SignatureError::Malformed => "malformed",
             SignatureError::Mismatch => "mismatch",
+            SignatureError::Stale => "stale",
         }
     }
 }
 
-/// A request body whose signature checked out, together with its event trigger.
+/// Everything that can stop a delivery at the verification stage.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    /// The signature is missing, malformed, wrong or stale (401).
+    #[error(transparent)]
+    Signature(#[from] SignatureError),
+    /// The event name is missing or not a safe name (400).
+    #[error(transparent)]
+    Event(#[from] EventError),
+    /// A body that must be JSON is not (400).
+    #[error(transparent)]
+    Json(#[from] JsonError),
+}
+
+/// How the body goes into the envelope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Data<'a> {
+    /// Valid JSON (already checked): embedded verbatim as `data`.
+    Json,
+    /// Anything else (form posts): embedded as `data_base64`, with this media type.
+    Binary {
+        /// The request's `Content-Type`, or `application/octet-stream` without one.
+        content_type: &'a str,
+    },
+}
+
+/// A delivery whose signature checked out, with what the provider says about it.
 ///
 /// Only the verifiers in this module construct it.
 #[derive(Debug)]
 pub struct Verified<'a> {
     body: &'a [u8],
-    trigger: Trigger,
+    event: Cow<'a, str>,
+    label: &'static str,
+    delivery_id: Option<Cow<'a, str>>,
+    subject: Option<String>,
+    data: Data<'a>,
+    reply: Option<Vec<u8>>,
 }
 
 impl<'a> Verified<'a> {
-    pub(crate) fn new(body: &'a [u8], trigger: Trigger) -> Self {
-        Verified { body, trigger }
+    /// A verified JSON delivery named `event` (already checked with [`event::check`]).
+    pub(crate) fn new(body: &'a [u8], event: Cow<'a, str>, label: &'static str) -> Self {
+        Verified { body, event, label, delivery_id: None, subject: None, data: Data::Json, reply: None }
+    }
+
+    pub(crate) fn with_delivery_id(mut self, id: Option<Cow<'a, str>>) -> Self {
+        self.delivery_id = id;
+        self
+    }
+
+    pub(crate) fn with_subject(mut self, subject: Option<String>) -> Self {
+        self.subject = subject;
+        self
+    }
+
+    pub(crate) fn with_data(mut self, data: Data<'a>) -> Self {
+        self.data = data;
+        self
+    }
+
+    pub(crate) fn with_reply(mut self, reply: Vec<u8>) -> Self {
+        self.reply = Some(reply);
+        self
     }
 
     /// The raw body bytes exactly as received.
@@ -55,19 +152,333 @@ impl<'a> Verified<'a> {
         self.body
     }
 
-    /// The event trigger named by the delivery.
-    pub fn trigger(&self) -> &Trigger {
-        &self.trigger
+    /// The event name as the provider gives it (`members:pledge:create`,
+    /// `orders/create`, `pull_request.opened`): safe characters only, at most
+    /// [`event::MAX_EVENT_BYTES`].
+    pub fn event(&self) -> &str {
+        &self.event
+    }
+
+    /// The bounded metric label: a name the provider documents, or `other`.
+    pub fn label(&self) -> &'static str {
+        self.label
+    }
+
+    /// The provider's own id of this delivery, the same on its retries (printable
+    /// ASCII, at most [`event::MAX_DELIVERY_ID_BYTES`]).
+    pub fn delivery_id(&self) -> Option<&str> {
+        self.delivery_id.as_deref()
+    }
+
+    /// What the event is about, when the provider says (`member/42`).
+    pub fn subject(&self) -> Option<&str> {
+        self.subject.as_deref()
+    }
+
+    /// How the body is embedded.
+    pub fn data(&self) -> Data<'a> {
+        self.data
+    }
+
+    /// A handshake the provider expects answered with this JSON body and `200`, with
+    /// nothing published (Slack's URL verification).
+    pub fn reply(&self) -> Option<&[u8]> {
+        self.reply.as_deref()
     }
 }
 
-/// Everything that can stop a delivery at the verification stage.
+/// One provider kind's verifier, built once per source with its keys precomputed.
+pub trait Provider: Send + Sync + std::fmt::Debug {
+    /// Headers refused when they appear more than once: a proxy might pick the other
+    /// one. Checked on the head, before the body is read.
+    fn unique_headers(&self) -> &[HeaderName];
+
+    /// What a repeat of one of [`Provider::unique_headers`] is refused as: a
+    /// malformed signature unless the provider says the header names the event.
+    fn repeated(&self, _name: &HeaderName) -> VerifyError {
+        SignatureError::Malformed.into()
+    }
+
+    /// How many secrets can sign (several during a rotation).
+    fn secret_count(&self) -> usize;
+
+    /// Event labels this provider documents (the `event` metric label is one of these
+    /// or `other`), pre-registered at zero.
+    fn known_events(&self) -> &'static [&'static str];
+
+    /// Checks the signature first (nothing of an unauthenticated body is examined),
+    /// then reads the event name, delivery id and subject.
+    fn verify<'a>(
+        &self,
+        headers: &'a HeaderMap,
+        body: &'a [u8],
+        now: SystemTime,
+    ) -> Result<Verified<'a>, VerifyError>;
+}
+
+/// The per-kind settings a source may carry (only the `hmac` kind reads the optional
+/// ones; every other kind refuses them).
+#[derive(Debug, Default, Clone)]
+pub struct KindOptions {
+    /// `hmac`: header carrying the signature (required).
+    pub signature_header: Option<String>,
+    /// `hmac`: `md5`, `sha1`, `sha256` (default) or `sha512`.
+    pub algorithm: Option<String>,
+    /// `hmac`: `hex` (default) or `base64`.
+    pub encoding: Option<String>,
+    /// `hmac`: text before the digest in the header, e.g. `sha256=`.
+    pub signature_prefix: Option<String>,
+    /// `hmac`: header naming the event.
+    pub event_header: Option<String>,
+    /// `hmac`: header carrying the delivery id.
+    pub id_header: Option<String>,
+}
+
+impl KindOptions {
+    /// The options that are set, with their key names.
+    fn set(&self) -> impl Iterator<Item = &'static str> + '_ {
+        [
+            ("signature_header", &self.signature_header),
+            ("algorithm", &self.algorithm),
+            ("encoding", &self.encoding),
+            ("signature_prefix", &self.signature_prefix),
+            ("event_header", &self.event_header),
+            ("id_header", &self.id_header),
+        ]
+        .into_iter()
+        .filter(|(_, v)| v.is_some())
+        .map(|(k, _)| k)
+    }
+
+    /// Refuses every option: for kinds that take none.
+    pub(crate) fn refuse_all(&self, kind: &str) -> Result<(), SettingError> {
+        match self.set().next() {
+            Some(key) => {
+                Err(SettingError { key, problem: format!("is only for kind \"hmac\", not \"{kind}\"") })
+            }
+            None => Ok(()),
+        }
+    }
+}
+
+/// What a kind's constructor gets from the source's configuration.
+#[derive(Debug)]
+pub struct ProviderSettings<'s> {
+    /// The secrets that may sign (several during a rotation), as configured.
+    pub secrets: Vec<&'s [u8]>,
+    /// How far a signed timestamp may be from now; `None` turns the check off.
+    pub tolerance: Option<Duration>,
+    /// Kind-specific options.
+    pub options: &'s KindOptions,
+}
+
+/// A setting a kind refuses, with the key (relative to the source) at fault.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum VerifyError {
-    /// The signature is missing, malformed or wrong (401).
-    #[error(transparent)]
-    Signature(#[from] SignatureError),
-    /// The event header is missing or malformed (400).
-    #[error(transparent)]
-    Trigger(#[from] TriggerError),
+#[error("{key}: {problem}")]
+pub struct SettingError {
+    /// The key under `sources.<name>`, e.g. `secrets` or `algorithm`.
+    pub key: &'static str,
+    /// What is wrong (never a secret value).
+    pub problem: String,
+}
+
+/// One registered provider kind.
+pub struct Kind {
+    /// The value of `sources.<name>.kind`.
+    pub name: &'static str,
+    /// The default CloudEvents type prefix; `None` means the source's name.
+    pub default_type_prefix: Option<&'static str>,
+    /// Builds the source's verifier.
+    pub build: fn(&ProviderSettings<'_>) -> Result<Box<dyn Provider>, SettingError>,
+}
+
+impl std::fmt::Debug for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name)
+    }
+}
+
+/// Every provider kind: the one place kinds are registered.
+pub const KINDS: &[Kind] = &[
+    patreon::KIND,
+    github::KIND,
+    stripe::KIND,
+    shopify::KIND,
+    slack::KIND,
+    standard::KIND,
+    hmac_generic::KIND,
+];
+
+/// The kind registered under `name`.
+pub fn kind(name: &str) -> Option<&'static Kind> {
+    KINDS.iter().find(|k| k.name == name)
+}
+
+/// The names of every kind, for error messages and documentation.
+pub fn kind_names() -> impl Iterator<Item = &'static str> {
+    KINDS.iter().map(|k| k.name)
+}
+
+/// A header's value when present exactly as bytes.
+pub(crate) fn header<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a [u8]> {
+    headers.get(name).map(http::HeaderValue::as_bytes)
+}
+
+/// Checks a signed Unix timestamp (decimal seconds) against `now`, both ways.
+pub(crate) fn check_timestamp(
+    raw: Option<&[u8]>,
+    now: SystemTime,
+    tolerance: Option<Duration>,
+) -> Result<u64, SignatureError> {
+    let raw = raw.ok_or(SignatureError::Missing)?.trim_ascii();
+    if raw.is_empty() || raw.len() > 12 || !raw.iter().all(u8::is_ascii_digit) {
+        return Err(SignatureError::Malformed);
+    }
+    // At most 12 ASCII digits: fits in u64.
+    let ts = raw.iter().fold(0u64, |acc, &d| acc * 10 + u64::from(d - b'0'));
+    if let Some(tolerance) = tolerance {
+        let now = now.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        if now.abs_diff(ts) > tolerance.as_secs() {
+            return Err(SignatureError::Stale);
+        }
+    }
+    Ok(ts)
+}
+
+/// `Data::Json` when the request says its body is JSON (or says nothing), else the
+/// body is embedded as bytes with the request's media type.
+pub(crate) fn data_for<'a>(headers: &'a HeaderMap) -> Data<'a> {
+    match headers.get(http::header::CONTENT_TYPE).map(|v| v.to_str()) {
+        None => Data::Json,
+        Some(Ok(ct)) if is_json_media_type(ct) => Data::Json,
+        Some(Ok(ct)) if !ct.is_empty() => Data::Binary { content_type: ct },
+        _ => Data::Binary { content_type: "application/octet-stream" },
+    }
+}
+
+fn is_json_media_type(ct: &str) -> bool {
+    let essence = ct.split(';').next().unwrap_or("").trim();
+    essence.eq_ignore_ascii_case("application/json")
+        || essence.len() > 5
+            && essence.get(essence.len() - 5..).is_some_and(|s| s.eq_ignore_ascii_case("+json"))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+pub(crate) mod testing {
+    //! Helpers for the providers' unit tests.
+
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+
+    /// A header map from name/value pairs.
+    pub fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (k, v) in pairs {
+            map.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+        }
+        map
+    }
+
+    /// Unix seconds as a `SystemTime`.
+    pub fn at(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    /// Builds `kind` with `secrets` and the default tolerance.
+    pub fn build(kind: &Kind, secrets: &[&str]) -> Box<dyn Provider> {
+        build_with(kind, secrets, Some(Duration::from_secs(300)), &KindOptions::default())
+    }
+
+    /// Builds `kind` with everything given.
+    pub fn build_with(
+        kind: &Kind,
+        secrets: &[&str],
+        tolerance: Option<Duration>,
+        options: &KindOptions,
+    ) -> Box<dyn Provider> {
+        let settings =
+            ProviderSettings { secrets: secrets.iter().map(|s| s.as_bytes()).collect(), tolerance, options };
+        (kind.build)(&settings).unwrap()
+    }
+
+    /// The vector of `id` from tests/fixtures/other_providers/test_vectors.json.
+    pub fn vector(id: &str) -> serde_json::Value {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/other_providers/test_vectors.json");
+        let all: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        let found = all["vectors"].as_array().unwrap().iter().find(|v| v["id"] == id).cloned();
+        let v = found.unwrap_or_else(|| panic!("no vector {id}"));
+        if v.get("body_bytes").is_some() {
+            assert_eq!(vector_body(&v).len() as u64, v["body_bytes"].as_u64().unwrap(), "{id} was altered");
+        }
+        v
+    }
+
+    /// The exact body bytes of a vector.
+    pub fn vector_body(v: &serde_json::Value) -> Vec<u8> {
+        use base64::Engine;
+        match v["body_base64"].as_str() {
+            Some(b) => base64::engine::general_purpose::STANDARD.decode(b).unwrap(),
+            None => v["body_utf8"].as_str().unwrap().as_bytes().to_vec(),
+        }
+    }
+
+    /// A vector's headers plus extra ones.
+    pub fn vector_headers(v: &serde_json::Value, extra: &[(&str, &str)]) -> HeaderMap {
+        let mut pairs: Vec<(String, String)> = v["headers"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, val)| (k.clone(), val.as_str().unwrap().to_owned()))
+            .collect();
+        pairs.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let refs: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        headers(&refs)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_have_unique_names_and_are_found() {
+        for k in KINDS {
+            assert_eq!(kind(k.name).map(|f| f.name), Some(k.name));
+            assert_eq!(KINDS.iter().filter(|o| o.name == k.name).count(), 1);
+        }
+        assert!(kind("Patreon").is_none());
+        assert!(kind("").is_none());
+    }
+
+    #[test]
+    fn timestamps_are_checked_both_ways() {
+        let now = testing::at(1_000_000);
+        let tol = Some(Duration::from_secs(300));
+        assert_eq!(check_timestamp(Some(b"1000000"), now, tol), Ok(1_000_000));
+        assert_eq!(check_timestamp(Some(b"999700"), now, tol), Ok(999_700));
+        assert_eq!(check_timestamp(Some(b"999699"), now, tol), Err(SignatureError::Stale));
+        assert_eq!(check_timestamp(Some(b"1000301"), now, tol), Err(SignatureError::Stale));
+        assert_eq!(check_timestamp(Some(b"1"), now, None), Ok(1));
+        assert_eq!(check_timestamp(None, now, tol), Err(SignatureError::Missing));
+        for bad in [&b""[..], b"-5", b"1e6", b"0x10", b"9999999999999", b"12 34"] {
+            assert_eq!(check_timestamp(Some(bad), now, tol), Err(SignatureError::Malformed), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn json_or_binary_by_content_type() {
+        use testing::headers;
+        assert_eq!(data_for(&headers(&[])), Data::Json);
+        assert_eq!(data_for(&headers(&[("content-type", "application/json; charset=utf-8")])), Data::Json);
+        assert_eq!(data_for(&headers(&[("content-type", "application/vnd.x+JSON")])), Data::Json);
+        let form = "application/x-www-form-urlencoded";
+        assert_eq!(data_for(&headers(&[("content-type", form)])), Data::Binary { content_type: form });
+        assert_eq!(
+            data_for(&headers(&[("content-type", "")])),
+            Data::Binary { content_type: "application/octet-stream" }
+        );
+    }
 }

@@ -4,11 +4,18 @@
 //! The signature covers the body only: not the event header and not the time, so a
 //! valid signature proves who wrote the body, never when or under which trigger.
 
-use hmac::{Hmac, Mac};
-use md5::Md5;
-use subtle::{Choice, ConstantTimeEq};
+use std::borrow::Cow;
+use std::time::SystemTime;
 
-use super::{SignatureError, Trigger, Verified, VerifyError};
+use hmac::Hmac;
+use md5::Md5;
+
+use super::event::{EventError, EventSource};
+use super::keys::{Keys, hex_digest, mac};
+use super::{
+    HeaderMap, HeaderName, Kind, Provider, ProviderSettings, SettingError, SignatureError, Trigger,
+    TriggerError, Verified, VerifyError, header, json,
+};
 
 /// Header carrying the hex HMAC-MD5 digest.
 pub const SIGNATURE_HEADER: &str = "x-patreon-signature";
@@ -16,6 +23,15 @@ pub const SIGNATURE_HEADER: &str = "x-patreon-signature";
 pub const EVENT_HEADER: &str = "x-patreon-event";
 
 const DIGEST_BYTES: usize = 16;
+const EVENT_SOURCE: EventSource = EventSource::Header("X-Patreon-Event");
+
+/// The `patreon` kind.
+pub const KIND: Kind = Kind { name: "patreon", default_type_prefix: Some("com.patreon"), build };
+
+fn build(settings: &ProviderSettings<'_>) -> Result<Box<dyn Provider>, SettingError> {
+    settings.options.refuse_all(KIND.name)?;
+    Ok(Box::new(PatreonVerifier::new(settings.secrets.iter().copied())))
+}
 
 /// The keys that may sign one source's deliveries (several during a rotation).
 ///
@@ -23,12 +39,13 @@ const DIGEST_BYTES: usize = 16;
 /// `Debug` never shows key material.
 #[derive(Clone)]
 pub struct PatreonVerifier {
-    keyed: Vec<Hmac<Md5>>,
+    keys: Keys<Hmac<Md5>>,
+    unique: [HeaderName; 2],
 }
 
 impl std::fmt::Debug for PatreonVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PatreonVerifier {{ secrets: [REDACTED; {}] }}", self.keyed.len())
+        write!(f, "PatreonVerifier {{ secrets: {:?} }}", self.keys)
     }
 }
 
@@ -37,22 +54,20 @@ impl PatreonVerifier {
     /// UTF-8 text verbatim as the key). Empty secrets are skipped; the caller checks
     /// that at least one remains.
     pub fn new<'s>(secrets: impl IntoIterator<Item = &'s [u8]>) -> Self {
-        let keyed = secrets
-            .into_iter()
-            .filter(|s| !s.is_empty())
-            // HMAC accepts keys of any length, so this never fails.
-            .filter_map(|s| Hmac::<Md5>::new_from_slice(s).ok())
-            .collect();
-        PatreonVerifier { keyed }
+        PatreonVerifier {
+            keys: Keys::new(secrets),
+            unique: [HeaderName::from_static(SIGNATURE_HEADER), HeaderName::from_static(EVENT_HEADER)],
+        }
     }
 
     /// How many secrets can sign.
     pub fn secret_count(&self) -> usize {
-        self.keyed.len()
+        self.keys.len()
     }
 
-    /// Checks the signature over `body`, then the trigger. The signature comes first
-    /// so that nothing about an unauthenticated request is examined further.
+    /// Checks the signature over `body`, then the trigger, then reads the body as
+    /// JSON. The signature comes first so that nothing about an unauthenticated
+    /// request is examined further.
     pub fn verify<'a>(
         &self,
         signature: Option<&[u8]>,
@@ -60,53 +75,74 @@ impl PatreonVerifier {
         body: &'a [u8],
     ) -> Result<Verified<'a>, VerifyError> {
         self.check_signature(signature, body)?;
-        let trigger = Trigger::parse(event)?;
-        Ok(Verified::new(body, trigger))
+        let trigger = Trigger::parse(event).map_err(|e| match e {
+            TriggerError::Missing => EventError::Missing(EVENT_SOURCE),
+            TriggerError::Malformed => EventError::Malformed(EVENT_SOURCE),
+        })?;
+        let [kind, id, ..] = json::scan(body, &[&["data", "type"], &["data", "id"]])?;
+        let subject = match (kind, id) {
+            (Some(json::Found::Str(kind)), Some(id)) => {
+                let id = id.into_text();
+                (!kind.is_empty() && !id.is_empty()).then(|| format!("{kind}/{id}"))
+            }
+            _ => None,
+        };
+        let label = trigger.label();
+        Ok(Verified::new(body, Cow::Owned(trigger.into_name()), label).with_subject(subject))
     }
 
     /// Checks only the signature. Every secret is tried, and the comparison is
     /// constant time, so timing reveals neither the digest nor which secret matched.
     pub fn check_signature(&self, signature: Option<&[u8]>, body: &[u8]) -> Result<(), SignatureError> {
         let header = signature.ok_or(SignatureError::Missing)?;
-        let expected = decode_hex_digest(header).ok_or(SignatureError::Malformed)?;
-        let mut matched = Choice::from(0);
-        for keyed in &self.keyed {
-            let mut mac = keyed.clone();
-            mac.update(body);
-            let digest = mac.finalize().into_bytes();
-            matched |= digest.as_slice().ct_eq(&expected);
+        let expected = hex_digest::<DIGEST_BYTES>(header).ok_or(SignatureError::Malformed)?;
+        if self.keys.any_matches(&[body], &[expected]) { Ok(()) } else { Err(SignatureError::Mismatch) }
+    }
+}
+
+impl Provider for PatreonVerifier {
+    fn unique_headers(&self) -> &[HeaderName] {
+        &self.unique
+    }
+
+    fn repeated(&self, name: &HeaderName) -> VerifyError {
+        if *name == self.unique[1] {
+            EventError::Malformed(EVENT_SOURCE).into()
+        } else {
+            SignatureError::Malformed.into()
         }
-        if bool::from(matched) { Ok(()) } else { Err(SignatureError::Mismatch) }
+    }
+
+    fn secret_count(&self) -> usize {
+        self.keys.len()
+    }
+
+    fn known_events(&self) -> &'static [&'static str] {
+        &super::trigger::NAMES
+    }
+
+    fn verify<'a>(
+        &self,
+        headers: &'a HeaderMap,
+        body: &'a [u8],
+        _now: SystemTime,
+    ) -> Result<Verified<'a>, VerifyError> {
+        let [signature, event] = &self.unique;
+        PatreonVerifier::verify(self, header(headers, signature), header(headers, event), body)
     }
 }
 
 /// Computes the lower-case hex signature a Patreon delivery of `body` carries.
 pub fn sign(secret: &[u8], body: &[u8]) -> String {
-    let mut mac = match Hmac::<Md5>::new_from_slice(secret) {
-        Ok(mac) => mac,
-        // Unreachable: HMAC takes keys of any length.
-        Err(_) => return String::new(),
-    };
-    mac.update(body);
-    hex::encode(mac.finalize().into_bytes())
-}
-
-/// Decodes exactly 32 hex digits, either case, with surrounding blanks allowed.
-fn decode_hex_digest(header: &[u8]) -> Option<[u8; DIGEST_BYTES]> {
-    let text = header.trim_ascii();
-    if text.len() != DIGEST_BYTES * 2 {
-        return None;
-    }
-    let mut out = [0u8; DIGEST_BYTES];
-    hex::decode_to_slice(text, &mut out).ok()?;
-    Some(out)
+    hex::encode(mac::<Hmac<Md5>>(secret, &[body]))
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use crate::verify::TriggerError;
+
+    use crate::verify::testing;
 
     fn verifier(secrets: &[&str]) -> PatreonVerifier {
         PatreonVerifier::new(secrets.iter().map(|s| s.as_bytes()))
@@ -175,10 +211,73 @@ mod tests {
         assert_eq!(err, VerifyError::Signature(SignatureError::Malformed));
         let sig = sign(b"k", b"{}");
         let err = v.verify(Some(sig.as_bytes()), None, b"{}").unwrap_err();
-        assert_eq!(err, VerifyError::Trigger(TriggerError::Missing));
+        assert_eq!(err, VerifyError::Event(EventError::Missing(EVENT_SOURCE)));
         let ok = v.verify(Some(sig.as_bytes()), Some(b"posts:publish"), b"{}").unwrap();
-        assert_eq!(ok.trigger().as_str(), "posts:publish");
+        assert_eq!(ok.event(), "posts:publish");
+        assert_eq!(ok.label(), "posts:publish");
         assert_eq!(ok.body(), b"{}");
+        assert_eq!(ok.delivery_id(), None);
+        let sig = sign(b"k", b"nope");
+        let err = v.verify(Some(sig.as_bytes()), Some(b"posts:publish"), b"nope").unwrap_err();
+        assert_eq!(err, VerifyError::Json(json::JsonError::Invalid));
+    }
+
+    #[test]
+    fn subject_is_data_type_and_id() {
+        let v = verifier(&["k"]);
+        let cases: [(&[u8], Option<&str>); 8] = [
+            (br#"{"data":{"id":null,"type":"member"}}"#, None),
+            (br#"{"data":{"type":"member"}}"#, None),
+            (br#"{"data":{"id":"1"}}"#, None),
+            (br#"{"data":{"id":7,"type":"pledge"}}"#, Some("pledge/7")),
+            (br#"{"data":{"id":"","type":"pledge"}}"#, None),
+            (br#"{"data":null}"#, None),
+            (br#"[{"data":{"id":"1","type":"x"}}]"#, None),
+            (br#"{"data":{"type":"post","id":"9","attributes":{"id":"no"}}}"#, Some("post/9")),
+        ];
+        for (body, want) in cases {
+            let sig = sign(b"k", body);
+            let ok = v.verify(Some(sig.as_bytes()), Some(b"posts:publish"), body).unwrap();
+            assert_eq!(ok.subject(), want, "{}", String::from_utf8_lossy(body));
+        }
+    }
+
+    /// The vectors of tests/fixtures/other_providers/test_vectors.json, through the
+    /// provider interface.
+    #[test]
+    fn shared_vectors() {
+        let v = testing::vector("patreon-apits-1");
+        let p = testing::build(&KIND, &["secret"]);
+        let body = testing::vector_body(&v);
+        let headers = testing::vector_headers(&v, &[("x-patreon-event", "posts:publish")]);
+        // "testing" is not JSON: the signature passes, the body does not.
+        assert_eq!(
+            p.verify(&headers, &body, testing::at(0)).unwrap_err(),
+            VerifyError::Json(json::JsonError::Invalid)
+        );
+        let sig = v["negative_signature"].as_str().unwrap();
+        let headers = testing::headers(&[("x-patreon-signature", sig), ("x-patreon-event", "posts:publish")]);
+        assert_eq!(
+            p.verify(&headers, &body, testing::at(0)).unwrap_err(),
+            VerifyError::Signature(SignatureError::Mismatch)
+        );
+        let v = testing::vector("patreon-apits-2");
+        let body = testing::vector_body(&v);
+        let h = testing::vector_headers(&v, &[]);
+        let ok = p.verify(&h, &body, testing::at(0)).unwrap();
+        assert_eq!(ok.event(), "posts:publish");
+        for prim in ["rfc2202-hmac-md5-tc1", "rfc2202-hmac-md5-tc2", "rfc2202-hmac-md5-tc3"] {
+            let v = testing::vector(prim);
+            let key = match v["key_hex"].as_str() {
+                Some(h) => hex::decode(h).unwrap(),
+                None => v["key_utf8"].as_str().unwrap().as_bytes().to_vec(),
+            };
+            let data = match v["data_hex"].as_str() {
+                Some(h) => hex::decode(h).unwrap(),
+                None => v["data_utf8"].as_str().unwrap().as_bytes().to_vec(),
+            };
+            assert_eq!(sign(&key, &data), v["expected_hex"].as_str().unwrap(), "{prim}");
+        }
     }
 
     #[test]

@@ -40,7 +40,7 @@ impl KnownTrigger {
     ];
 
     /// The trigger as Patreon writes it.
-    pub fn as_str(self) -> &'static str {
+    pub const fn as_str(self) -> &'static str {
         match self {
             KnownTrigger::PledgesCreate => "pledges:create",
             KnownTrigger::PledgesUpdate => "pledges:update",
@@ -57,10 +57,25 @@ impl KnownTrigger {
         }
     }
 
+    const fn name_at(i: usize) -> &'static str {
+        Self::ALL[i].as_str()
+    }
+
     fn from_name(name: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|k| k.as_str() == name)
     }
 }
+
+/// The known triggers' names (the `event` metric labels of a Patreon source).
+pub const NAMES: [&str; 12] = {
+    let mut out = [""; 12];
+    let mut i = 0;
+    while i < out.len() {
+        out[i] = KnownTrigger::name_at(i);
+        i += 1;
+    }
+    out
+};
 
 /// Why an event header was refused (400).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -104,6 +119,11 @@ impl Trigger {
     /// The trigger as sent, e.g. `members:pledge:create`.
     pub fn as_str(&self) -> &str {
         &self.name
+    }
+
+    /// The trigger as sent, owned.
+    pub fn into_name(self) -> String {
+        self.name
     }
 
     /// The documented trigger, if it is one.

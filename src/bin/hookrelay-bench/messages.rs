@@ -104,8 +104,9 @@ impl Workload {
             let verified = verifier
                 .verify(Some(signature.as_bytes()), Some(event.as_bytes()), &body)
                 .map_err(|e| anyhow::anyhow!("a bench body does not verify: {e}"))?;
-            let envelope = envelope::build(&verified, SOURCE, CE_SOURCE, now)
-                .map_err(|e| anyhow::anyhow!("a bench body is not accepted: {e}"))?;
+            let target =
+                envelope::Target { source_name: SOURCE, ce_source: CE_SOURCE, type_prefix: "com.patreon" };
+            let envelope = envelope::build(&verified, &target, now);
             let properties = hookrelay::publish::amqp::properties(&envelope);
             messages.push(Message { body: Bytes::from(body), event, signature, envelope, properties });
         }

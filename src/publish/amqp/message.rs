@@ -62,6 +62,9 @@ fn envelope_headers(env: &Envelope) -> FieldTable {
     if let Some(subject) = &env.subject {
         put("cloudEvents_subject", subject);
     }
+    if let Some(delivery_id) = &env.delivery_id {
+        put("cloudEvents_deliveryid", delivery_id);
+    }
     h
 }
 
@@ -103,6 +106,7 @@ mod tests {
             time: "2024-07-01T12:00:00Z".into(),
             unix_seconds: 1_719_835_200,
             subject: subject.map(str::to_owned),
+            delivery_id: None,
             routing_key: "patreon.members.create".into(),
             body: bytes::Bytes::from_static(b"{}"),
         }
@@ -142,6 +146,14 @@ mod tests {
         let props = properties(&envelope(None));
         assert_eq!(header(&props, "cloudEvents_subject"), None);
         assert_eq!(props.headers().as_ref().map(|h| h.inner().len()), Some(5));
+        assert_eq!(header(&props, "cloudEvents_deliveryid"), None);
+    }
+
+    #[test]
+    fn a_provider_delivery_id_is_carried_verbatim() {
+        let env = Envelope { delivery_id: Some("evt_1Abc".into()), ..envelope(None) };
+        let props = properties(&env);
+        assert_eq!(text(header(&props, "cloudEvents_deliveryid")).as_deref(), Some("evt_1Abc"));
     }
 
     #[test]
