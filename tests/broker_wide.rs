@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "it/support.rs"]
+#[path = "it/support/mod.rs"]
 mod support;
 
 use std::process::Command;
@@ -49,9 +49,7 @@ async fn metric_is(relay: &Relay, name: &str, want: f64, limit: Duration) {
 async fn closing_every_broker_connection_mid_stream_loses_nothing() {
     let _serial = SERIAL.lock().await;
     let spool = temp_dir("hr-spool");
-    let relay = Arc::new(
-        Relay::start_with(RelayOptions { spool_dir: Some(spool.clone()), ..RelayOptions::default() }).await,
-    );
+    let relay = Arc::new(RelayConfig::new().spool(&spool).start().await);
     let mut senders = Vec::new();
     for s in 0..4u64 {
         let relay = relay.clone();
@@ -111,8 +109,7 @@ async fn metric_is_at_least(relay: &Relay, name: &str, min: f64) {
 async fn a_memory_alarm_blocks_publishing_without_hanging_requests() {
     let _serial = SERIAL.lock().await;
     let spool = temp_dir("hr-spool");
-    let with_spool =
-        Relay::start_with(RelayOptions { spool_dir: Some(spool.clone()), ..RelayOptions::default() }).await;
+    let with_spool = RelayConfig::new().spool(&spool).start().await;
     let without_spool = Relay::start().await;
     let guard = WatermarkGuard;
     rabbitmqctl(&["set_vm_memory_high_watermark", "absolute", "1"]);

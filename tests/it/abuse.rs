@@ -12,22 +12,17 @@ use tokio::time::Instant;
 
 use crate::support::*;
 
-fn abuse_toml(exchange: &str, max_connections: usize, header_ms: u64, request_ms: u64) -> String {
-    relay_toml(exchange, &amqp_url(), "").replace(
-        "[http]\nlisten = \"127.0.0.1:0\"",
-        &format!(
-            "[http]\nlisten = \"127.0.0.1:0\"\nmax_connections = {max_connections}\n\
-             header_read_timeout_ms = {header_ms}\nrequest_timeout_ms = {request_ms}"
-        ),
-    )
+/// A relay with these connection limits and timeouts.
+async fn relay_with(max_connections: usize, header_ms: u64, request_ms: u64) -> Relay {
+    RelayConfig::new()
+        .http("max_connections", max_connections)
+        .http("header_read_timeout_ms", header_ms)
+        .http("request_timeout_ms", request_ms)
+        .start()
+        .await
 }
 
-fn signed_body() -> (Vec<u8>, String) {
-    let body = format!(r#"{{"data":{{"id":"{}","type":"member"}}}}"#, unique("abuse")).into_bytes();
-    let sig = hookrelay::verify::patreon::sign(V2_SECRET.as_bytes(), &body);
-    (body, sig)
-}
-
+/// A Patreon request head for a body of `body_len` bytes, signed `sig`.
 fn signed_head(body_len: usize, sig: &str, close: bool) -> String {
     format!(
         "POST /webhooks/patreon HTTP/1.1\r\nhost: relay\r\nx-patreon-event: members:create\r\n\
@@ -73,9 +68,7 @@ async fn trickle(
 async fn silent_slow_and_idle_connections_are_closed_in_time() {
     const HEADER_MS: u64 = 1_000;
     const REQUEST_MS: u64 = 1_500;
-    let exchange = unique("hr-test");
-    let relay =
-        Relay::start_toml(exchange.clone(), &abuse_toml(&exchange, 64, HEADER_MS, REQUEST_MS), true).await;
+    let relay = relay_with(64, HEADER_MS, REQUEST_MS).await;
     let addr = relay.ingest;
     let limit = Duration::from_secs(10);
     let never = AtomicBool::new(false);
@@ -104,9 +97,9 @@ async fn silent_slow_and_idle_connections_are_closed_in_time() {
     // A signed request on a kept-alive connection, then silence.
     let kept_alive = async {
         let mut s = TcpStream::connect(addr).await.unwrap();
-        let (body, sig) = signed_body();
-        s.write_all(signed_head(body.len(), &sig, false).as_bytes()).await.unwrap();
-        s.write_all(&body).await.unwrap();
+        let signed = Signed::new();
+        s.write_all(signed_head(signed.body.len(), &signed.signature, false).as_bytes()).await.unwrap();
+        s.write_all(&signed.body).await.unwrap();
         let mut buf = vec![0u8; 4096];
         let n = s.read(&mut buf).await.unwrap();
         let answered = Instant::now();
@@ -234,13 +227,7 @@ async fn flood(attackers: usize, kinds: &[usize], max_connections: usize) -> Vec
     let _one_at_a_time = FLOODS.lock().await;
     const HEADER_MS: u64 = 2_000;
     const REQUEST_MS: u64 = 3_000;
-    let exchange = unique("hr-test");
-    let relay = Relay::start_toml(
-        exchange.clone(),
-        &abuse_toml(&exchange, max_connections, HEADER_MS, REQUEST_MS),
-        true,
-    )
-    .await;
+    let relay = relay_with(max_connections, HEADER_MS, REQUEST_MS).await;
     let stop = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(AttackStats::default());
     let tasks: Vec<_> = (0..attackers)
@@ -256,19 +243,11 @@ async fn flood(attackers: usize, kinds: &[usize], max_connections: usize) -> Vec
     // Honest senders, one after another, each with its own deadline.
     let mut latencies = Vec::new();
     for _ in 0..10 {
-        let (body, sig) = signed_body();
+        let signed = Signed::new();
         let t0 = Instant::now();
-        let answer = tokio::time::timeout(
-            Duration::from_secs(20),
-            post(
-                relay.ingest,
-                "/webhooks/patreon",
-                &[("X-Patreon-Event", "members:create"), ("X-Patreon-Signature", &sig)],
-                body,
-            ),
-        )
-        .await
-        .expect("an honest sender got no answer within 20 s");
+        let answer = tokio::time::timeout(Duration::from_secs(20), signed.post(relay.ingest))
+            .await
+            .expect("an honest sender got no answer within 20 s");
         assert_eq!(answer.0, 200, "{}", String::from_utf8_lossy(&answer.2));
         latencies.push(t0.elapsed());
     }

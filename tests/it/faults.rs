@@ -65,15 +65,7 @@ fn count_duplicates(seen: &[String]) -> usize {
 async fn a_stream_through_repeated_connection_drops_loses_nothing() {
     let proxy = Arc::new(FaultProxy::start(broker_addr().await).await.unwrap());
     let spool = temp_dir("hr-spool");
-    let relay = Arc::new(
-        Relay::start_with(RelayOptions {
-            amqp_url: Some(proxy.amqp_url()),
-            amqp_extra: "".into(),
-            spool_dir: Some(spool.clone()),
-            ..RelayOptions::default()
-        })
-        .await,
-    );
+    let relay = Arc::new(RelayConfig::new().amqp_url(proxy.amqp_url()).spool(&spool).start().await);
     let cutter = {
         let proxy = proxy.clone();
         tokio::spawn(async move {
@@ -128,12 +120,7 @@ async fn a_stream_through_repeated_connection_drops_loses_nothing() {
 async fn a_broker_outage_is_spooled_then_drained_in_order() {
     let proxy = FaultProxy::start(broker_addr().await).await.unwrap();
     let spool = temp_dir("hr-spool");
-    let relay = Relay::start_with(RelayOptions {
-        amqp_url: Some(proxy.amqp_url()),
-        spool_dir: Some(spool.clone()),
-        ..RelayOptions::default()
-    })
-    .await;
+    let relay = RelayConfig::new().amqp_url(proxy.amqp_url()).spool(&spool).start().await;
     proxy.set(Mode::Refuse);
     proxy.drop_all();
     let admin = relay.admin;
@@ -170,13 +157,7 @@ async fn a_broker_outage_is_spooled_then_drained_in_order() {
 async fn a_blackholed_broker_times_out_into_the_spool() {
     let proxy = FaultProxy::start(broker_addr().await).await.unwrap();
     let spool = temp_dir("hr-spool");
-    let relay = Relay::start_with(RelayOptions {
-        amqp_url: Some(proxy.amqp_url()),
-        spool_dir: Some(spool.clone()),
-        amqp_extra: "".into(),
-        ..RelayOptions::default()
-    })
-    .await;
+    let relay = RelayConfig::new().amqp_url(proxy.amqp_url()).spool(&spool).start().await;
     proxy.set(Mode::Blackhole);
     let started = Instant::now();
     let (status, id) = post_signed(relay.ingest, 1).await;
@@ -294,11 +275,8 @@ async fn returned_events_are_dead_lettered_when_the_alternate_exchange_is_gone()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejecting_consumer_sees_the_message_again_then_finds_it_parked_and_replay_brings_it_back() {
-    let relay = Relay::start_with(RelayOptions {
-        amqp_extra: "retry_delays_ms = [300, 600]\ndelivery_limit = 3".into(),
-        ..RelayOptions::default()
-    })
-    .await;
+    let relay =
+        RelayConfig::new().amqp("retry_delays_ms", [300, 600]).amqp("delivery_limit", 3).start().await;
     let (status, id) = post_signed(relay.ingest, 1).await;
     assert_eq!(status, 200);
     let id = id.unwrap();

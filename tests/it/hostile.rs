@@ -50,31 +50,9 @@ pub struct Row {
     pub moves: Moves,
 }
 
-/// The signature a Patreon delivery of `body` carries (secret of the v2 fixtures).
-fn signature_for(body: &[u8]) -> String {
-    hookrelay::verify::patreon::sign(V2_SECRET.as_bytes(), body)
-}
-
-/// `POST path` with the given extra header lines, `Content-Length` and `Connection: close`.
-fn post_wire(path: &str, headers: &[String], body: &[u8]) -> Vec<u8> {
-    let mut out = format!("POST {path} HTTP/1.1\r\nhost: relay\r\ncontent-type: application/json\r\n");
-    for h in headers {
-        out.push_str(h);
-        out.push_str("\r\n");
-    }
-    out.push_str(&format!("content-length: {}\r\nconnection: close\r\n\r\n", body.len()));
-    let mut wire = out.into_bytes();
-    wire.extend_from_slice(body);
-    wire
-}
-
+/// `POST path` of `body` signed as event `event`, as bytes.
 fn signed_wire(path: &str, event: &str, body: &[u8]) -> Vec<u8> {
-    let sig = signature_for(body);
-    post_wire(path, &[format!("x-patreon-event: {event}"), format!("x-patreon-signature: {sig}")], body)
-}
-
-fn fresh_body() -> Vec<u8> {
-    format!(r#"{{"data":{{"id":"{}","type":"member"}}}}"#, unique("hostile")).into_bytes()
+    Signed::of(body.to_vec()).event(event).wire(path, &[])
 }
 
 /// Drops `connection: close` from a head, so the connection would stay open.
@@ -120,7 +98,7 @@ fn rows() -> Vec<Row> {
     use Moves::*;
     let ev = "x-patreon-event: members:create".to_owned();
     let good_body = fresh_body();
-    let good_sig = format!("x-patreon-signature: {}", signature_for(&good_body));
+    let good_sig = format!("x-patreon-signature: {}", sign(&good_body));
     let zeros = format!("x-patreon-signature: {}", "0".repeat(32));
     let deep = |levels: usize| format!("{}{}", "[".repeat(levels), "]".repeat(levels)).into_bytes();
     let pipelined = {
@@ -137,7 +115,7 @@ fn rows() -> Vec<Row> {
         format!(
             "POST /webhooks/patreon HTTP/1.0\r\nhost: relay\r\nx-patreon-event: members:create\r\n\
              x-patreon-signature: {}\r\ncontent-length: {}\r\n\r\n",
-            signature_for(&body),
+            sign(&body),
             body.len()
         )
         .into_bytes()
@@ -265,7 +243,7 @@ fn rows() -> Vec<Row> {
             name: "empty body, validly signed",
             wire: post_wire(
                 "/webhooks/patreon",
-                &[ev.clone(), format!("x-patreon-signature: {}", signature_for(b""))],
+                &[ev.clone(), format!("x-patreon-signature: {}", sign(b""))],
                 b"",
             ),
             answer: Status(400),
@@ -564,16 +542,6 @@ pub async fn exchange(addr: SocketAddr, wire: &[u8], limit: Duration) -> Exchang
     Exchange { statuses, closed, elapsed: started.elapsed(), text }
 }
 
-/// The relay's TOML with this module's limits.
-pub fn hostile_toml(exchange: &str) -> String {
-    relay_toml(exchange, &amqp_url(), "").replace(
-        "[http]\nlisten = \"127.0.0.1:0\"",
-        &format!(
-            "[http]\nlisten = \"127.0.0.1:0\"\nmax_body_bytes = {LIMIT}\nheader_read_timeout_ms = {HEADER_TIMEOUT_MS}\nrequest_timeout_ms = {REQUEST_TIMEOUT_MS}"
-        ),
-    )
-}
-
 /// Total answers the handler gave, over every status.
 async fn answered(relay: &Relay) -> f64 {
     let (_, _, body) = get(relay.admin, "/metrics").await;
@@ -609,9 +577,13 @@ async fn moved(relay: &Relay, moves: &Moves) -> f64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hostile_request_matrix() {
-    let exchange_name = unique("hr-test");
-    let relay = Relay::start_toml(exchange_name.clone(), &hostile_toml(&exchange_name), true).await;
+async fn every_hostile_request_gets_its_answer_and_metric_and_never_a_5xx() {
+    let relay = RelayConfig::new()
+        .http("max_body_bytes", LIMIT)
+        .http("header_read_timeout_ms", HEADER_TIMEOUT_MS)
+        .http("request_timeout_ms", REQUEST_TIMEOUT_MS)
+        .start()
+        .await;
     let rows = rows();
     assert!(rows.len() >= 30, "the matrix has {} rows", rows.len());
     let mut failures = Vec::new();
@@ -667,15 +639,7 @@ async fn hostile_request_matrix() {
         assert_eq!(fives, 0.0, "the relay answered {status}");
     }
     // Still alive and relaying after all of it.
-    let body = fresh_body();
-    let sig = signature_for(&body);
-    let (status, _, text) = post(
-        relay.ingest,
-        "/webhooks/patreon",
-        &[("X-Patreon-Event", "members:create"), ("X-Patreon-Signature", &sig)],
-        body,
-    )
-    .await;
+    let (status, _, text) = Signed::new().post(relay.ingest).await;
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&text));
     assert_eq!(relay.metric("hookrelay_inflight_requests", &[]).await, 0.0);
     relay.stop_and_cleanup().await;

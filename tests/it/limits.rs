@@ -10,17 +10,9 @@ use tokio::time::Instant;
 
 use crate::support::*;
 
-fn signed_request(extra_headers: &str) -> Vec<u8> {
-    let body = format!(r#"{{"data":{{"id":"{}","type":"member"}}}}"#, unique("limits")).into_bytes();
-    let sig = hookrelay::verify::patreon::sign(V2_SECRET.as_bytes(), &body);
-    let mut wire = format!(
-        "POST /webhooks/patreon HTTP/1.1\r\nhost: relay\r\nx-patreon-event: members:create\r\n\
-         x-patreon-signature: {sig}\r\ncontent-length: {}\r\nconnection: close\r\n{extra_headers}\r\n",
-        body.len()
-    )
-    .into_bytes();
-    wire.extend(body);
-    wire
+/// A signed request as bytes, with `extra_headers` lines.
+fn signed_request(extra_headers: &[&str]) -> Vec<u8> {
+    Signed::new().wire("/webhooks/patreon", extra_headers)
 }
 
 /// A head that promises a large body and sends none of it.
@@ -55,16 +47,13 @@ fn localhost() -> IpAddr {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limit_answers_429_with_retry_after_before_reading_the_body() {
-    let relay = Relay::start_with(RelayOptions {
-        extra_toml: "rate_limit_per_sec = 1\nrate_limit_burst = 3\n".into(),
-        ..RelayOptions::default()
-    })
-    .await;
+    let relay =
+        RelayConfig::new().source("rate_limit_per_sec", 1).source("rate_limit_burst", 3).start().await;
     for i in 0..3 {
-        let (answer, _) = send_from(localhost(), relay.ingest, &signed_request("")).await;
+        let (answer, _) = send_from(localhost(), relay.ingest, &signed_request(&[])).await;
         assert!(answer.starts_with("HTTP/1.1 200"), "request {i} of the burst: {answer}");
     }
-    let (answer, _) = send_from(localhost(), relay.ingest, &signed_request("")).await;
+    let (answer, _) = send_from(localhost(), relay.ingest, &signed_request(&[])).await;
     assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
     assert!(answer.contains("\r\nretry-after: 1\r\n"), "{answer}");
     assert!(answer.contains("\r\nconnection: close\r\n"), "{answer}");
@@ -87,7 +76,7 @@ async fn rate_limit_answers_429_with_retry_after_before_reading_the_body() {
     // One token a second comes back.
     let addr = relay.ingest;
     eventually("the bucket to refill", Duration::from_secs(5), || async move {
-        let (answer, _) = send_from(localhost(), addr, &signed_request("")).await;
+        let (answer, _) = send_from(localhost(), addr, &signed_request(&[])).await;
         answer.starts_with("HTTP/1.1 200").then_some(())
     })
     .await;
@@ -96,20 +85,16 @@ async fn rate_limit_answers_429_with_retry_after_before_reading_the_body() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allowlist_refuses_other_addresses_before_anything_else() {
-    let relay = Relay::start_with(RelayOptions {
-        extra_toml: "allowed_cidrs = [\"127.0.0.2/32\", \"10.0.0.0/8\"]\n".into(),
-        ..RelayOptions::default()
-    })
-    .await;
+    let relay = RelayConfig::new().source("allowed_cidrs", ["127.0.0.2/32", "10.0.0.0/8"]).start().await;
     let allowed = IpAddr::from([127, 0, 0, 2]);
-    let (answer, _) = send_from(allowed, relay.ingest, &signed_request("")).await;
+    let (answer, _) = send_from(allowed, relay.ingest, &signed_request(&[])).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 
-    let (answer, _) = send_from(localhost(), relay.ingest, &signed_request("")).await;
+    let (answer, _) = send_from(localhost(), relay.ingest, &signed_request(&[])).await;
     assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
     assert!(answer.ends_with(r#"{"error":"forbidden"}"#), "{answer}");
     // Forwarding headers are not trusted.
-    let spoofed = "x-forwarded-for: 127.0.0.2\r\nforwarded: for=127.0.0.2\r\nx-real-ip: 127.0.0.2\r\n";
+    let spoofed = &["x-forwarded-for: 127.0.0.2", "forwarded: for=127.0.0.2", "x-real-ip: 127.0.0.2"];
     let (answer, _) = send_from(localhost(), relay.ingest, &signed_request(spoofed)).await;
     assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
     // Before the method check and before the body: no 405, no 408.

@@ -61,7 +61,7 @@ async fn every_valid_fixture_is_relayed_byte_exact() {
         assert_eq!(header_str(d, "cloudEvents_type"), Some(format!("com.patreon.{dotted}")));
         assert_eq!(header_str(d, "cloudEvents_time").as_deref(), ce["time"].as_str());
         // The consumer can re-verify the provider signature from the envelope alone.
-        let resigned = hookrelay::verify::patreon::sign(f.secret.as_bytes(), envelope_data(&d.data));
+        let resigned = sign_with(&f.secret, envelope_data(&d.data));
         assert_eq!(resigned, f.signature.to_lowercase(), "{}", f.name);
         let data = &ce["data"]["data"];
         match (data["type"].as_str(), data["id"].as_str()) {
@@ -101,14 +101,7 @@ async fn a_retried_delivery_carries_the_same_event_id() {
 async fn unknown_triggers_are_relayed_and_counted_as_other() {
     let relay = Relay::start().await;
     let body = br#"{"data":{"id":"1","type":"member"}}"#.to_vec();
-    let sig = hookrelay::verify::patreon::sign(V2_SECRET.as_bytes(), &body);
-    let (status, _, _) = post(
-        relay.ingest,
-        "/webhooks/patreon",
-        &[("X-Patreon-Event", "members:pledge:paused"), ("X-Patreon-Signature", &sig)],
-        body,
-    )
-    .await;
+    let (status, _, _) = Signed::of(body).event("members:pledge:paused").post(relay.ingest).await;
     assert_eq!(status, 200);
     let other =
         relay.metric("hookrelay_events_published_total", &[("source", "patreon"), ("event", "other")]).await;

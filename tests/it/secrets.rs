@@ -4,21 +4,13 @@
 //! signature it was sent or a body it was sent to stdout, stderr or `/metrics`.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::support::*;
-
-const BIN: &str = env!("CARGO_BIN_EXE_hookrelay");
-
-fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
 
 /// Every secret one run configures, all unique to the run.
 struct Secrets {
@@ -55,125 +47,36 @@ impl Secrets {
     }
 }
 
-/// The binary running with trace logging; stdout and stderr go to files.
-struct Proc {
-    child: Child,
-    ingest: SocketAddr,
-    admin: SocketAddr,
-    stdout: PathBuf,
-    stderr: PathBuf,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Proc {
-    fn spawn(dir: &Path, name: &str, secrets: &Secrets, amqp_url: &str, exchange: &str) -> Proc {
-        let ingest = free_addr();
-        let admin = free_addr();
-        let secret_file = dir.join(format!("{name}.secret"));
-        std::fs::write(&secret_file, format!("{}\n", secrets.file)).unwrap();
-        // World-readable on purpose: the relay must warn, naming the file, not the secret.
-        set_mode(&secret_file, 0o644);
-        let toml = format!(
-            r#"
-[http]
-listen = "{ingest}"
-max_body_bytes = 4096
-request_timeout_ms = 1000
-[admin]
-listen = "{admin}"
-[amqp]
-url = "{amqp_url}"
-exchange = "{exchange}"
-publish_timeout_ms = 1500
-reconnect_initial_ms = 50
-reconnect_max_ms = 500
-[spool]
-enabled = false
-[log]
-level = "trace"
-[sources.patreon]
-kind = "patreon"
-secrets = ["{inline}"]
-[sources.filed]
-kind = "patreon"
-secret_files = ["{file}"]
-[sources.limited]
-kind = "patreon"
-secrets = "{limited}"
-rate_limit_per_sec = 1
-rate_limit_burst = 1
-[sources.locked]
-kind = "patreon"
-secrets = "{locked}"
-allowed_cidrs = ["10.0.0.0/8"]
-"#,
-            inline = secrets.inline,
-            file = secret_file.display(),
-            limited = secrets.limited,
-            locked = secrets.locked,
-        );
-        let config = dir.join(format!("{name}.toml"));
-        std::fs::write(&config, toml).unwrap();
-        let stdout = dir.join(format!("{name}.stdout"));
-        let stderr = dir.join(format!("{name}.stderr"));
-        let child = Command::new(BIN)
-            .arg("--config")
-            .arg(&config)
-            .env("RUST_LOG", "trace")
-            .env("HOOKRELAY_SOURCES__ENVSRC__KIND", "patreon")
-            .env("HOOKRELAY_SOURCES__ENVSRC__SECRETS", &secrets.env)
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&stdout).unwrap())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .spawn()
-            .unwrap();
-        Proc { child, ingest, admin, stdout, stderr }
-    }
-
-    fn output(&self) -> String {
-        let out = std::fs::read(&self.stdout).unwrap_or_default();
-        let err = std::fs::read(&self.stderr).unwrap_or_default();
-        format!("{}\n{}", String::from_utf8_lossy(&out), String::from_utf8_lossy(&err))
-    }
-
-    /// Waits for the admin listener (and, if asked, readiness).
-    async fn wait_up(&mut self, ready: bool) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("relay exited with {status}: {}", self.output());
-            }
-            if TcpStream::connect(self.admin).await.is_ok() {
-                let path = if ready { "/readyz" } else { "/healthz" };
-                if get(self.admin, path).await.0 == 200 {
-                    return;
-                }
-            }
-            assert!(tokio::time::Instant::now() < deadline, "relay not up: {}", self.output());
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// SIGTERM, then waits for a clean exit.
-    async fn stop(&mut self) {
-        let sent = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status().unwrap();
-        assert!(sent.success());
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                assert!(status.success(), "exit {status}: {}", self.output());
-                return;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "relay did not stop: {}", self.output());
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
+/// The binary with trace logging (file and `RUST_LOG`), four sources from the file
+/// (inline secret, secret file, rate limit, allowlist) and one from the environment.
+fn spawn(dir: &Path, name: &str, secrets: &Secrets, amqp_url: &str, exchange: &str) -> Child {
+    let secret_file = dir.join(format!("{name}.secret"));
+    std::fs::write(&secret_file, format!("{}\n", secrets.file)).unwrap();
+    // World-readable on purpose: the relay must warn, naming the file, not the secret.
+    set_mode(&secret_file, 0o644);
+    let config = RelayConfig::new()
+        .http("max_body_bytes", 4096)
+        .http("request_timeout_ms", 1000)
+        .amqp_url(amqp_url)
+        .amqp("exchange", exchange)
+        .amqp("publish_timeout_ms", 1500)
+        .set("log", "level", "trace")
+        .source("secrets", [&secrets.inline])
+        .set("sources.filed", "kind", "patreon")
+        .set("sources.filed", "secret_files", [&secret_file])
+        .set("sources.limited", "kind", "patreon")
+        .set("sources.limited", "secrets", &secrets.limited)
+        .set("sources.limited", "rate_limit_per_sec", 1)
+        .set("sources.limited", "rate_limit_burst", 1)
+        .set("sources.locked", "kind", "patreon")
+        .set("sources.locked", "secrets", &secrets.locked)
+        .set("sources.locked", "allowed_cidrs", ["10.0.0.0/8"]);
+    let env = [
+        ("RUST_LOG", "trace"),
+        ("HOOKRELAY_SOURCES__ENVSRC__KIND", "patreon"),
+        ("HOOKRELAY_SOURCES__ENVSRC__SECRETS", secrets.env.as_str()),
+    ];
+    Child::spawn(dir, name, config, &env)
 }
 
 #[cfg(unix)]
@@ -203,7 +106,7 @@ impl Sent {
 
     async fn post(&mut self, ingest: SocketAddr, what: &str, path: &str, secret: &str, event: &str) -> u16 {
         let body = self.body(what);
-        let sig = hookrelay::verify::patreon::sign(secret.as_bytes(), &body);
+        let sig = sign_with(secret, &body);
         self.signatures.push(sig.clone());
         let (status, _, _) =
             post(ingest, path, &[("X-Patreon-Event", event), ("X-Patreon-Signature", &sig)], body).await;
@@ -216,8 +119,7 @@ impl Sent {
         let _ = s.write_all(&wire).await;
         let mut out = Vec::new();
         let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
-        let text = String::from_utf8_lossy(&out);
-        let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let status = status_of(&out);
         self.statuses.push((what.to_owned(), status));
         status
     }
@@ -245,8 +147,8 @@ async fn no_secret_signature_or_body_reaches_logs_or_metrics() {
     let exchange = unique("hr-test");
 
     // Run 1: the real broker; every answer but 503.
-    let mut relay = Proc::spawn(&dir, "up", &secrets, &amqp_url(), &exchange);
-    relay.wait_up(true).await;
+    let mut relay = spawn(&dir, "up", &secrets, &amqp_url(), &exchange);
+    relay.wait_for("/readyz").await;
     let ingest = relay.ingest;
     let mut sent = Sent::default();
     let s = &secrets;
@@ -299,7 +201,7 @@ async fn no_secret_signature_or_body_reaches_logs_or_metrics() {
     ];
     let not_json = b"not json, body-marker-notjson".to_vec();
     sent.bodies.push("body-marker-notjson".into());
-    let sig = hookrelay::verify::patreon::sign(s.inline.as_bytes(), &not_json);
+    let sig = sign_with(&s.inline, &not_json);
     sent.signatures.push(sig.clone());
     let (bad_json, _, _) = post(
         ingest,
@@ -310,7 +212,7 @@ async fn no_secret_signature_or_body_reaches_logs_or_metrics() {
     .await;
     let (method, _, _) = request(ingest, "GET", "/webhooks/patreon").await;
     let big = sent.body("too large").into_iter().chain(vec![b' '; 5000]).collect::<Vec<u8>>();
-    let big_sig = hookrelay::verify::patreon::sign(s.inline.as_bytes(), &big);
+    let big_sig = sign_with(&s.inline, &big);
     sent.signatures.push(big_sig.clone());
     let mut wire = format!(
         "POST /webhooks/patreon HTTP/1.1\r\nhost: relay\r\nx-patreon-event: members:create\r\n\
@@ -322,7 +224,7 @@ async fn no_secret_signature_or_body_reaches_logs_or_metrics() {
     wire.extend(b"\r\n0\r\n\r\n");
     let too_large = sent.raw(ingest, "too large", wire).await;
     let slow = sent.body("slow");
-    let slow_sig = hookrelay::verify::patreon::sign(s.inline.as_bytes(), &slow);
+    let slow_sig = sign_with(&s.inline, &slow);
     sent.signatures.push(slow_sig.clone());
     let mut wire = format!(
         "POST /webhooks/patreon HTTP/1.1\r\nhost: relay\r\nx-patreon-event: members:create\r\n\
@@ -348,8 +250,8 @@ async fn no_secret_signature_or_body_reaches_logs_or_metrics() {
     // Run 2: the broker is unreachable and its URL carries a password: 503.
     let dead = free_addr();
     let url = format!("amqp://relay-user:{}@{dead}/%2f", secrets.amqp_password);
-    let mut down = Proc::spawn(&dir, "down", &secrets, &url, &exchange);
-    down.wait_up(false).await;
+    let mut down = spawn(&dir, "down", &secrets, &url, &exchange);
+    down.wait_for("/healthz").await;
     let unavailable =
         sent.post(down.ingest, "broker down", "/webhooks/patreon", &s.inline, "members:create").await;
     assert_eq!(unavailable, 503);

@@ -43,7 +43,7 @@ type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, Vec<u8>, u16, &'a str, &'a st
 async fn refusals_get_their_status_and_metric() {
     let relay = Relay::start().await;
     let body = br#"{"data":{"id":"1","type":"member"}}"#.to_vec();
-    let sig = hookrelay::verify::patreon::sign(V2_SECRET.as_bytes(), &body);
+    let sig = sign(&body);
     let ev = ("X-Patreon-Event", "members:create");
     let cases: Vec<Case> = vec![
         ("no signature", vec![ev], body.clone(), 401, "hookrelay_signature_failures_total", "missing"),
@@ -97,7 +97,7 @@ async fn refusals_get_their_status_and_metric() {
     }
 
     let not_json = b"not json".to_vec();
-    let sig2 = hookrelay::verify::patreon::sign(V2_SECRET.as_bytes(), &not_json);
+    let sig2 = sign(&not_json);
     let (got, _, _) =
         post(relay.ingest, "/webhooks/patreon", &[ev, ("X-Patreon-Signature", &sig2)], not_json).await;
     assert_eq!(got, 400);
@@ -175,20 +175,11 @@ async fn bodies_over_the_limit_get_413() {
     relay.stop_and_cleanup().await;
 }
 
-fn signed(event: &str) -> (Vec<u8>, String, String) {
-    let body = format!(r#"{{"data":{{"id":"{}","type":"member"}}}}"#, unique("m")).into_bytes();
-    let sig = hookrelay::verify::patreon::sign(V2_SECRET.as_bytes(), &body);
-    (body, event.to_owned(), sig)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unroutable_without_alternate_exchange_is_503() {
-    let exchange2 = unique("hr-test");
-    let toml = relay_toml(&exchange2, &amqp_url(), "").replace(
-        "publish_timeout_ms = 3000",
-        "publish_timeout_ms = 3000\nunrouted_exchange = \"\"\ndead_letter_exchange = \"\"",
-    );
-    let relay2 = Relay::start_toml(exchange2.clone(), &toml, true).await;
+    let relay2 =
+        RelayConfig::new().amqp("unrouted_exchange", "").amqp("dead_letter_exchange", "").start().await;
+    let exchange2 = relay2.exchange.clone();
     let conn = broker().await;
     let ch = conn.create_channel().await.unwrap();
     ch.queue_unbind(
@@ -199,14 +190,7 @@ async fn unroutable_without_alternate_exchange_is_503() {
     )
     .await
     .unwrap();
-    let (body, event, sig) = signed("members:create");
-    let (status, headers, _) = post(
-        relay2.ingest,
-        "/webhooks/patreon",
-        &[("X-Patreon-Event", &event), ("X-Patreon-Signature", &sig)],
-        body,
-    )
-    .await;
+    let (status, headers, _) = Signed::new().post(relay2.ingest).await;
     assert_eq!(status, 503);
     assert_eq!(headers.get("retry-after").map(String::as_str), Some("5"));
     assert_eq!(
@@ -220,23 +204,17 @@ async fn unroutable_without_alternate_exchange_is_503() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nacked_without_dead_letter_exchange_is_503() {
-    let exchange = unique("hr-test");
-    let toml = relay_toml(&exchange, &amqp_url(), "").replace(
-        "publish_timeout_ms = 3000",
-        "publish_timeout_ms = 3000\nunrouted_exchange = \"\"\ndead_letter_exchange = \"\"\nmax_publish_attempts = 2",
-    );
-    let relay = Relay::start_toml(exchange.clone(), &toml, true).await;
+    let relay = RelayConfig::new()
+        .amqp("unrouted_exchange", "")
+        .amqp("dead_letter_exchange", "")
+        .amqp("max_publish_attempts", 2)
+        .start()
+        .await;
+    let exchange = relay.exchange.clone();
     let conn = broker().await;
     let ch = conn.create_channel().await.unwrap();
     let full = full_queue(&conn, &exchange).await;
-    let (body, event, sig) = signed("members:create");
-    let (status, headers, _) = post(
-        relay.ingest,
-        "/webhooks/patreon",
-        &[("X-Patreon-Event", &event), ("X-Patreon-Signature", &sig)],
-        body,
-    )
-    .await;
+    let (status, headers, _) = Signed::new().post(relay.ingest).await;
     assert_eq!(status, 503);
     assert!(headers.contains_key("retry-after"));
     assert_eq!(
@@ -253,25 +231,17 @@ async fn nacked_without_dead_letter_exchange_is_503() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_is_503_when_the_broker_is_unreachable() {
-    let relay = Relay::start_with(RelayOptions {
-        amqp_url: Some("amqp://guest:guest@127.0.0.1:1/%2f".into()),
-        wait_ready: false,
-        ..RelayOptions::default()
-    })
-    .await;
+    let relay = RelayConfig::new()
+        .amqp_url("amqp://guest:guest@127.0.0.1:1/%2f")
+        .not_waiting_for_ready()
+        .start()
+        .await;
     let (health, _, _) = get(relay.admin, "/healthz").await;
     assert_eq!(health, 200);
     let (ready, _, _) = get(relay.admin, "/readyz").await;
     assert_eq!(ready, 503);
     assert_eq!(relay.metric("hookrelay_broker_connected", &[]).await, 0.0);
-    let (body, event, sig) = signed("members:create");
-    let (status, headers, _) = post(
-        relay.ingest,
-        "/webhooks/patreon",
-        &[("X-Patreon-Event", &event), ("X-Patreon-Signature", &sig)],
-        body,
-    )
-    .await;
+    let (status, headers, _) = Signed::new().post(relay.ingest).await;
     assert_eq!(status, 503);
     assert!(headers.contains_key("retry-after"));
     let mut relay = relay;
@@ -281,7 +251,7 @@ async fn readyz_is_503_when_the_broker_is_unreachable() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_lets_an_in_flight_request_finish() {
     let mut relay = Relay::start().await;
-    let (body, event, sig) = signed("members:create");
+    let Signed { body, event, signature: sig } = Signed::new();
     let mut s = TcpStream::connect(relay.ingest).await.unwrap();
     let head = format!(
         "POST /webhooks/patreon HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\nx-patreon-event: {event}\r\nx-patreon-signature: {sig}\r\n\r\n",

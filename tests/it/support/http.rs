@@ -1,0 +1,96 @@
+//! A real HTTP/1.1 client over a socket, raw request bytes for what a client
+//! library will not send, and reading `/metrics`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+/// Reads one metric sample from exposition text.
+pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let Some((series, value)) = line.rsplit_once(' ') else { continue };
+        let (metric, label_text) = match series.split_once('{') {
+            Some((m, rest)) => (m, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        if metric != name {
+            continue;
+        }
+        let all =
+            labels.iter().all(|(k, v)| label_text.split(',').any(|pair| pair == format!("{k}=\"{v}\"")));
+        if all {
+            return value.parse().ok();
+        }
+    }
+    None
+}
+
+/// An HTTP answer: status, headers, body.
+pub type Response = (u16, HashMap<String, String>, Bytes);
+
+async fn send(addr: SocketAddr, req: Request<Full<Bytes>>) -> Response {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    let resp = sender.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
+        .collect();
+    let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    (status, headers, body)
+}
+
+/// `GET path` on `addr`.
+pub async fn get(addr: SocketAddr, path: &str) -> Response {
+    let req = Request::get(path).header("host", "localhost").body(Full::new(Bytes::new())).unwrap();
+    send(addr, req).await
+}
+
+/// `POST path` with headers and body on `addr`.
+pub async fn post(addr: SocketAddr, path: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Response {
+    let mut req = Request::post(path).header("host", "localhost").header("content-type", "application/json");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    send(addr, req.body(Full::new(Bytes::from(body))).unwrap()).await
+}
+
+/// Any method.
+pub async fn request(addr: SocketAddr, method: &str, path: &str) -> Response {
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "localhost")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    send(addr, req).await
+}
+
+/// `POST path` as bytes: the given header lines, `Content-Length`, `Connection: close`.
+pub fn post_wire(path: &str, headers: &[String], body: &[u8]) -> Vec<u8> {
+    let mut out = format!("POST {path} HTTP/1.1\r\nhost: relay\r\ncontent-type: application/json\r\n");
+    for h in headers {
+        out.push_str(h);
+        out.push_str("\r\n");
+    }
+    out.push_str(&format!("content-length: {}\r\nconnection: close\r\n\r\n", body.len()));
+    let mut wire = out.into_bytes();
+    wire.extend_from_slice(body);
+    wire
+}
+
+/// The status of a raw HTTP/1.1 answer (`HTTP/1.1 200 OK...`); 0 when there is none.
+pub fn status_of(answer: &[u8]) -> u16 {
+    answer.get(9..12).and_then(|s| std::str::from_utf8(s).ok()?.parse().ok()).unwrap_or(0)
+}
