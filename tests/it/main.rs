@@ -7,6 +7,7 @@ mod support;
 
 mod faults;
 mod process;
+mod providers;
 mod proxy;
 
 mod abuse;

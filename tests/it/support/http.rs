@@ -57,9 +57,13 @@ pub async fn get(addr: SocketAddr, path: &str) -> Response {
     send(addr, req).await
 }
 
-/// `POST path` with headers and body on `addr`.
+/// `POST path` with headers and body on `addr`; `Content-Type: application/json`
+/// unless `headers` name another.
 pub async fn post(addr: SocketAddr, path: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Response {
-    let mut req = Request::post(path).header("host", "localhost").header("content-type", "application/json");
+    let mut req = Request::post(path).header("host", "localhost");
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-type")) {
+        req = req.header("content-type", "application/json");
+    }
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
