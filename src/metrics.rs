@@ -84,6 +84,10 @@ pub const PUBLISH_FAILURE_REASONS: [&str; 6] =
 /// Reasons an event is dead-lettered by the relay.
 pub const DEAD_LETTER_REASONS: [&str; 2] = ["nacked", "unroutable"];
 
+/// Why the relay replaced a broker connection: missed heartbeats, a confirm that
+/// never came on a connection that looked open, or the connection closed under it.
+pub const CONNECTION_REPLACEMENT_CAUSES: [&str; 3] = ["heartbeat", "confirm_timeout", "closed"];
+
 /// HTTP statuses the ingest listener answers with (the `status` label).
 pub const STATUSES: [u16; 11] = [200, 400, 401, 403, 404, 405, 408, 413, 429, 500, 503];
 
@@ -103,11 +107,15 @@ pub struct Metrics {
     request_duration: HistogramVec,
     broker_connected: IntGauge,
     broker_blocked: IntGauge,
+    connection_replacements: IntCounterVec,
+    last_confirm_age: prometheus::Gauge,
     spool_events: IntGauge,
     spool_bytes: IntGauge,
     spooled: IntCounterVec,
     spool_drained: IntCounter,
     spool_corrupt: IntCounter,
+    spool_quarantined: IntCounter,
+    spool_quarantine_events: IntGauge,
     inflight: IntGauge,
     unrouted_messages: IntGauge,
     dead_letter_messages: IntGauge,
@@ -232,6 +240,20 @@ impl Metrics {
                 "hookrelay_broker_blocked",
                 "1 while the broker has blocked the connection (memory or disk alarm), else 0.",
             )?,
+            connection_replacements: counter(
+                &registry,
+                "hookrelay_broker_connection_replacements_total",
+                "Broker connections the relay declared dead and replaced, by cause (heartbeat, confirm_timeout, closed).",
+                &["cause"],
+            )?,
+            last_confirm_age: {
+                let g = prometheus::Gauge::new(
+                    "hookrelay_broker_seconds_since_last_confirm",
+                    "Seconds since the broker last confirmed a publish (since start-up if none yet).",
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
             spool_events: gauge(&registry, "hookrelay_spool_events", "Events waiting in the local spool.")?,
             spool_bytes: gauge(
                 &registry,
@@ -260,6 +282,19 @@ impl Metrics {
                 registry.register(Box::new(c.clone()))?;
                 c
             },
+            spool_quarantined: {
+                let c = IntCounter::new(
+                    "hookrelay_spool_quarantined_total",
+                    "Spooled events the broker refused repeatedly, moved aside to the spool quarantine.",
+                )?;
+                registry.register(Box::new(c.clone()))?;
+                c
+            },
+            spool_quarantine_events: gauge(
+                &registry,
+                "hookrelay_spool_quarantine_events",
+                "Events waiting in the spool quarantine for an operator (hookrelay replay --spool-quarantine).",
+            )?,
             inflight: gauge(&registry, "hookrelay_inflight_requests", "Ingest requests being handled.")?,
             unrouted_messages: gauge(
                 &registry,
@@ -314,6 +349,9 @@ impl Metrics {
             m.spooled.with_label_values(&[source]);
             m.parked_messages.with_label_values(&[source]);
             m.confirm_duration.with_label_values(&[source]);
+        }
+        for cause in CONNECTION_REPLACEMENT_CAUSES {
+            m.connection_replacements.with_label_values(&[cause]);
         }
         for status in STATUSES {
             m.request_duration.with_label_values(&[status_label(status)]);
@@ -387,6 +425,28 @@ impl Metrics {
     /// The broker blocked or unblocked the connection.
     pub fn broker_blocked(&self, blocked: bool) {
         self.broker_blocked.set(i64::from(blocked));
+    }
+
+    /// The relay declared a broker connection dead, for a cause in
+    /// [`CONNECTION_REPLACEMENT_CAUSES`].
+    pub fn connection_replaced(&self, cause: &'static str) {
+        self.connection_replacements.with_label_values(&[cause]).inc();
+    }
+
+    /// Time since the broker last confirmed a publish.
+    pub fn last_confirm_age(&self, age: Duration) {
+        self.last_confirm_age.set(age.as_secs_f64());
+    }
+
+    /// Spooled events were moved to the quarantine; `waiting` are there now.
+    pub fn spool_quarantined(&self, count: u64, waiting: u64) {
+        self.spool_quarantined.inc_by(count);
+        self.spool_quarantine_depth(waiting);
+    }
+
+    /// Events waiting in the spool quarantine.
+    pub fn spool_quarantine_depth(&self, waiting: u64) {
+        self.spool_quarantine_events.set(i64::try_from(waiting).unwrap_or(i64::MAX));
     }
 
     /// Current spool depth.

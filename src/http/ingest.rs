@@ -249,7 +249,13 @@ impl<P: Publisher> Ingest<P> {
             }
             Err(e) => {
                 self.metrics.publish_failed(name, e.label());
-                warn!(reason = e.label(), "Event not durable; asking the sender to retry.");
+                if matches!(e, PublishError::Nacked | PublishError::Unroutable) {
+                    // A refusal repeats for every event of its kind: the publisher logs
+                    // the first, the counter counts them all.
+                    debug!(reason = e.label(), "Event refused by the broker; asking the sender to retry.");
+                } else {
+                    warn!(reason = e.label(), "Event not durable; asking the sender to retry.");
+                }
                 self.unavailable(e)
             }
         }

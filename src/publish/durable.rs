@@ -1,27 +1,23 @@
 //! The publisher the relay actually uses: the broker first, the local spool when the
-//! broker cannot confirm in time, and a drainer that moves spooled events to the
-//! broker, in order, once it is back.
+//! broker could not confirm in time or could not be reached. The drainer (`drain`)
+//! moves spooled events to the broker, in order, once it is back.
 //!
 //! A 2xx is only ever answered for [`Delivered`] outcomes: confirmed by the broker,
-//! dead-lettered and confirmed there, or fsync'd in the spool.
+//! dead-lettered and confirmed there, or fsync'd in the spool. A refusal the relay
+//! cannot dead-letter (a nack or an unroutable return) is not an outage: the event is
+//! not spooled, where it would block the events behind it, but answered 503 so the
+//! sender keeps it and tries again.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
-use tokio::time::{Instant, sleep};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
+use super::drain::drain;
 use super::{Broker, Delivered, Outgoing, PublishError, Publisher};
-use crate::envelope::{self, Envelope};
 use crate::metrics::Metrics;
 use crate::spool::{Spool, SpoolError, SpoolRecord};
-
-/// Records the drainer publishes per round.
-const DRAIN_BATCH: usize = 256;
-/// Pause after a failed drain round before the next one.
-const DRAIN_BACKOFF: Duration = Duration::from_millis(200);
 
 /// Broker first, spool second.
 pub struct DurablePublisher<B> {
@@ -30,6 +26,8 @@ pub struct DurablePublisher<B> {
     spool_max_bytes: u64,
     /// False after the spool failed to write; true again after a good write.
     spool_healthy: Arc<AtomicBool>,
+    /// Refusals already logged: nack, unroutable (each is logged once).
+    refusals_logged: [AtomicBool; 2],
     metrics: Metrics,
 }
 
@@ -51,6 +49,7 @@ impl<B: Broker> DurablePublisher<B> {
             spool,
             spool_max_bytes,
             spool_healthy: Arc::new(AtomicBool::new(true)),
+            refusals_logged: [AtomicBool::new(false), AtomicBool::new(false)],
             metrics,
         }
     }
@@ -91,6 +90,23 @@ impl<B: Broker> DurablePublisher<B> {
         }
     }
 
+    /// Logs the first refusal of each kind: a full queue refuses every event for it,
+    /// and the counter says how many.
+    fn refused(&self, error: PublishError) {
+        let slot = match error {
+            PublishError::Nacked => &self.refusals_logged[0],
+            PublishError::Unroutable => &self.refusals_logged[1],
+            _ => return,
+        };
+        if !slot.swap(true, Ordering::Relaxed) {
+            warn!(
+                reason = error.label(),
+                "The broker refused an event and it could not be dead-lettered; answering 503 \
+                 (logged once per reason; hookrelay_publish_failures_total counts them)."
+            );
+        }
+    }
+
     /// The drainer task, if there is a spool; it ends when `shutdown` is cancelled.
     pub fn drainer(&self, shutdown: CancellationToken) -> Option<impl Future<Output = ()> + Send + 'static> {
         let spool = self.spool.clone()?;
@@ -105,13 +121,23 @@ impl<B: Broker> DurablePublisher<B> {
     }
 }
 
+/// Whether a broker failure is a refusal (not an outage): the broker answered, no.
+fn is_refusal(error: PublishError) -> bool {
+    matches!(error, PublishError::Nacked | PublishError::Unroutable)
+}
+
 impl<B: Broker> Publisher for DurablePublisher<B> {
     async fn publish(&self, event: Outgoing<'_>) -> Result<Delivered, PublishError> {
         let Some(spool) = &self.spool else {
-            return self.amqp.publish(event).await;
+            let answer = self.amqp.publish(event).await;
+            if let Err(error) = answer {
+                self.refused(error);
+            }
+            return answer;
         };
-        // No connection, or the broker blocks publishing: don't make the sender wait
-        // the whole deadline for an answer the spool can give now.
+        // No connection (or one just declared dead), or the broker blocks publishing:
+        // don't make the sender wait the whole deadline for an answer the spool can
+        // give now.
         let broker_error = if !self.amqp.is_ready() {
             PublishError::Unavailable
         } else if self.amqp.is_blocked() {
@@ -122,116 +148,16 @@ impl<B: Broker> Publisher for DurablePublisher<B> {
                 Err(error) => error,
             }
         };
+        if is_refusal(broker_error) {
+            self.refused(broker_error);
+            return Err(broker_error);
+        }
         debug!(reason = broker_error.label(), "Broker did not confirm; spooling.");
         self.spool(&event, spool).await
     }
 
     fn is_ready(&self) -> bool {
         self.amqp.is_ready() || self.spool_accepts()
-    }
-}
-
-/// Publishes spooled events in spool order and removes each batch once confirmed.
-async fn drain<B: Broker>(spool: Spool, amqp: B, metrics: Metrics, shutdown: CancellationToken) {
-    // Corrupt records found while reading count too (those found at open already did).
-    let mut corrupt_seen = spool.stats().corrupt_records_skipped;
-    let depth = spool.depth();
-    if depth.events > 0 {
-        info!(
-            events = depth.events,
-            bytes = depth.bytes,
-            "Spooled events found; draining once the broker is up."
-        );
-    }
-    loop {
-        tokio::select! {
-            _ = spool.wait_nonempty() => {}
-            _ = shutdown.cancelled() => return,
-        }
-        // Wait for a connection, checking for shutdown now and then.
-        while !amqp.is_ready() {
-            tokio::select! {
-                _ = amqp.wait_ready(Instant::now() + Duration::from_secs(1)) => {}
-                _ = shutdown.cancelled() => return,
-            }
-        }
-        let batch = match spool.peek_batch(DRAIN_BATCH).await {
-            Ok(batch) => batch,
-            Err(error) => {
-                warn!(%error, "Reading the spool failed.");
-                if pause(&shutdown).await {
-                    return;
-                }
-                continue;
-            }
-        };
-        let corrupt = spool.stats().corrupt_records_skipped;
-        if corrupt > corrupt_seen {
-            metrics.spool_corrupt(corrupt - corrupt_seen);
-            corrupt_seen = corrupt;
-        }
-        let mut envelopes = Vec::with_capacity(batch.len());
-        for (_, record) in &batch {
-            match envelope::parse(record.envelope.clone(), record.routing_key.clone()) {
-                Ok(env) => envelopes.push(env),
-                // Written by us, so unreadable means damaged: keep it out of the way.
-                Err(_) => envelopes.push(unparseable(record)),
-            }
-        }
-        let refs: Vec<&Envelope> = envelopes.iter().collect();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut done = amqp.publish_in_order(&refs, deadline).await;
-        if done < batch.len() {
-            // The head of the rest failed; give it the full policy (retries, then
-            // the dead-letter exchange) so one refused event cannot block the spool.
-            let (_, record) = &batch[done];
-            let outgoing =
-                Outgoing { source: &record.source, event_label: "other", envelope: &envelopes[done] };
-            if amqp.publish_until(outgoing, Instant::now() + Duration::from_secs(5)).await.is_ok() {
-                done += 1;
-            }
-        }
-        if done > 0 {
-            let (pos, _) = &batch[done - 1];
-            match spool.remove_through(*pos).await {
-                Ok(()) => {
-                    metrics.spool_drained(done as u64);
-                    let depth = spool.depth();
-                    metrics.spool_depth(depth.events, depth.bytes);
-                    debug!(events = done, left = depth.events, "Drained spooled events.");
-                }
-                Err(error) => {
-                    warn!(%error, "Removing drained events from the spool failed; they will be sent again.")
-                }
-            }
-        }
-        if done < batch.len() && pause(&shutdown).await {
-            return;
-        }
-    }
-}
-
-/// An envelope that could not be read back is still published as it is, so it lands
-/// where a person can look at it instead of blocking the spool.
-fn unparseable(record: &SpoolRecord) -> Envelope {
-    Envelope {
-        id: record.event_id.clone(),
-        source: String::new(),
-        ce_type: String::new(),
-        time: String::new(),
-        unix_seconds: 0,
-        subject: None,
-        delivery_id: None,
-        routing_key: record.routing_key.clone(),
-        body: record.envelope.clone(),
-    }
-}
-
-/// Sleeps the drain backoff; true if shutdown was asked meanwhile.
-async fn pause(shutdown: &CancellationToken) -> bool {
-    tokio::select! {
-        _ = sleep(DRAIN_BACKOFF) => false,
-        _ = shutdown.cancelled() => true,
     }
 }
 
@@ -272,19 +198,26 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn every_broker_failure_falls_back_to_the_spool() {
-        for error in [
-            PublishError::Nacked,
-            PublishError::Unroutable,
-            PublishError::Timeout,
-            PublishError::Unavailable,
-            PublishError::ChannelError,
-        ] {
+    async fn outages_fall_back_to_the_spool() {
+        for error in [PublishError::Timeout, PublishError::Unavailable, PublishError::ChannelError] {
             let (broker, dir) = (FakeBroker::answering([Err(error)]), TempDir::new("durable-fail"));
             let p = durable(&broker, &dir, 1 << 20).await;
             assert_eq!(publish(&p, "a").await, Ok(Delivered::Spooled), "{error:?}");
             assert_eq!(spooled(&p), 1, "{error:?}");
             assert_eq!(broker.script().published, ["a"], "{error:?}: the broker was asked first");
+        }
+    }
+
+    #[tokio::test]
+    async fn refusals_are_answered_not_spooled() {
+        for error in [PublishError::Nacked, PublishError::Unroutable] {
+            let broker = FakeBroker::answering([Err(error), Err(error)]);
+            let dir = TempDir::new("durable-refused");
+            let p = durable(&broker, &dir, 1 << 20).await;
+            assert_eq!(publish(&p, "a").await, Err(error));
+            assert_eq!(publish(&p, "b").await, Err(error), "logged once, answered every time");
+            assert_eq!(publish(&p, "c").await, Ok(Delivered::Confirmed), "later events are unaffected");
+            assert_eq!(spooled(&p), 0, "{error:?}: nothing spooled for a refusal");
         }
     }
 
@@ -318,42 +251,5 @@ mod tests {
         assert_eq!(publish(&p, "c").await, Ok(Delivered::Confirmed));
         broker.script().ready = false;
         assert!(!Publisher::is_ready(&p), "no broker and no spool: not ready");
-    }
-
-    #[tokio::test]
-    async fn the_drainer_sends_spooled_events_in_order_once_the_broker_is_back() {
-        let (broker, dir) = (FakeBroker::default(), TempDir::new("durable-drain"));
-        broker.script().ready = false;
-        let p = durable(&broker, &dir, 1 << 20).await;
-        let ids: Vec<String> = (0..5).map(|i| format!("e{i}")).collect();
-        for id in &ids {
-            assert_eq!(publish(&p, id).await, Ok(Delivered::Spooled));
-        }
-        // The first round confirms only two; the rest follow in order.
-        broker.script().in_order_confirms = 2;
-        let stop = CancellationToken::new();
-        let drainer = tokio::spawn(p.drainer(stop.clone()).unwrap());
-        broker.script().ready = true;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while spooled(&p) > 3 && Instant::now() < deadline {
-            sleep(Duration::from_millis(5)).await;
-        }
-        broker.script().in_order_confirms = usize::MAX;
-        while spooled(&p) > 0 && Instant::now() < deadline {
-            sleep(Duration::from_millis(5)).await;
-        }
-        stop.cancel();
-        drainer.await.unwrap();
-        assert_eq!(spooled(&p), 0, "drained within 10 s");
-        let s = broker.script();
-        let mut sent = s.confirmed_in_order.clone();
-        sent.extend(s.published.iter().cloned());
-        // The head of an unconfirmed rest may go through the single-publish path.
-        sent.dedup();
-        assert_eq!(&sent[..2], &ids[..2]);
-        let mut all = sent.clone();
-        all.sort();
-        all.dedup();
-        assert_eq!(all, ids, "every spooled event reached the broker");
     }
 }

@@ -1,7 +1,7 @@
 //! A scripted [`Broker`] for unit tests: each publish takes the next scripted
 //! answer, and what was published is recorded. Real-broker tests live in `tests/`.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -20,6 +20,8 @@ pub struct Script {
     pub then: Result<Delivered, PublishError>,
     /// How many envelopes of each in-order batch are confirmed (the rest are not).
     pub in_order_confirms: usize,
+    /// Ids the broker refuses (nacks) wherever and however often they are sent.
+    pub refused: HashSet<String>,
     /// Whether there is a connection.
     pub ready: bool,
     /// Whether the broker blocks publishing.
@@ -36,6 +38,7 @@ impl Default for Script {
             answers: VecDeque::new(),
             then: Ok(Delivered::Confirmed),
             in_order_confirms: usize::MAX,
+            refused: HashSet::new(),
             ready: true,
             blocked: false,
             published: Vec::new(),
@@ -69,6 +72,9 @@ impl FakeBroker {
     fn answer(&self, event: &Outgoing<'_>) -> Result<Delivered, PublishError> {
         let mut s = self.script();
         s.published.push(event.envelope.id.clone());
+        if s.refused.contains(&event.envelope.id) {
+            return Err(PublishError::Nacked);
+        }
         let then = s.then;
         s.answers.pop_front().unwrap_or(then)
     }
@@ -89,7 +95,8 @@ impl Broker for FakeBroker {
 
     async fn publish_in_order(&self, batch: &[&Envelope], _deadline: Instant) -> usize {
         let mut s = self.script();
-        let n = batch.len().min(s.in_order_confirms);
+        let refused = batch.iter().position(|e| s.refused.contains(&e.id)).unwrap_or(batch.len());
+        let n = refused.min(s.in_order_confirms);
         s.confirmed_in_order.extend(batch[..n].iter().map(|e| e.id.clone()));
         n
     }

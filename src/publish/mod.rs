@@ -8,7 +8,9 @@
 
 pub mod amqp;
 pub mod depths;
+mod drain;
 pub mod durable;
+pub mod quarantine;
 pub mod retry;
 pub mod topology;
 

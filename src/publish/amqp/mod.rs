@@ -19,6 +19,7 @@ mod message;
 mod policy;
 mod pool;
 
+use std::future::Future;
 use std::sync::Arc;
 
 use lapin::options::BasicPublishOptions;
@@ -67,6 +68,23 @@ impl std::fmt::Debug for AmqpPublisher {
 /// Mandatory publishes: an unroutable one comes back instead of vanishing.
 const PUBLISH_OPTIONS: BasicPublishOptions = BasicPublishOptions { mandatory: true, immediate: false };
 
+/// Why waiting on the broker stopped early.
+enum Stop {
+    /// The deadline passed.
+    Deadline,
+    /// The connection was condemned meanwhile.
+    Condemned,
+}
+
+/// Awaits `fut` until `deadline`, or until `link` is condemned.
+async fn on_link<F: Future>(link: &Link, deadline: Instant, fut: F) -> Result<F::Output, Stop> {
+    tokio::select! {
+        biased;
+        out = timeout_at(deadline, fut) => out.map_err(|_| Stop::Deadline),
+        _ = link.condemned() => Err(Stop::Condemned),
+    }
+}
+
 impl AmqpPublisher {
     /// Starts the connection supervisor. Publishing works as soon as the first
     /// connection is up; until then publishes wait (within their deadline).
@@ -92,10 +110,35 @@ impl AmqpPublisher {
         &self.inner.cfg.exchange
     }
 
-    /// A connected confirm-mode channel from the pool, replacing a dead one.
-    async fn channel(&self, deadline: Instant) -> Result<Channel, Attempt> {
+    /// The live link and a connected confirm-mode channel of it, replacing a dead one.
+    async fn channel(&self, deadline: Instant) -> Result<(Arc<Link>, Channel), Attempt> {
         let link = self.inner.state.wait(deadline).await?;
-        link.pool().channel(link.connection(), deadline).await
+        match on_link(&link, deadline, link.pool().channel(link.connection(), deadline)).await {
+            Ok(Ok(ch)) => Ok((link, ch)),
+            Ok(Err(Attempt::Timeout)) | Err(Stop::Deadline) => Err(self.timed_out(&link)),
+            Ok(Err(other)) => Err(other),
+            Err(Stop::Condemned) => Err(Attempt::Timeout),
+        }
+    }
+
+    /// A wait on `link` ran out: if nothing at all was confirmed on it for a good
+    /// part of the publish deadline, the connection is silent, not slow, and is
+    /// condemned. Always an [`Attempt::Timeout`] for the caller.
+    fn timed_out(&self, link: &Arc<Link>) -> Attempt {
+        let quiet = self.inner.state.quiet_for(link);
+        if quiet >= self.inner.cfg.publish_timeout / 2 {
+            debug!(quiet_ms = quiet.as_millis() as u64, "No confirm on the connection; condemning it.");
+            self.inner.state.condemn(link);
+        }
+        Attempt::Timeout
+    }
+
+    /// The attempt a stopped wait on `link` amounts to.
+    fn stopped(&self, link: &Arc<Link>, stop: Stop) -> Attempt {
+        match stop {
+            Stop::Deadline => self.timed_out(link),
+            Stop::Condemned => Attempt::Timeout,
+        }
     }
 
     /// One publish and its confirm, bounded by `deadline`.
@@ -106,7 +149,7 @@ impl AmqpPublisher {
         properties: BasicProperties,
         deadline: Instant,
     ) -> Result<(), Attempt> {
-        let ch = self.channel(deadline).await?;
+        let (link, ch) = self.channel(deadline).await?;
         let started = Instant::now();
         let publish = ch.basic_publish(
             msg.exchange.into(),
@@ -115,22 +158,23 @@ impl AmqpPublisher {
             msg.body,
             properties,
         );
-        let confirm = match timeout_at(deadline, publish).await {
-            Err(_) => return Err(Attempt::Timeout),
+        let confirm = match on_link(&link, deadline, publish).await {
+            Err(stop) => return Err(self.stopped(&link, stop)),
             Ok(Err(error)) => {
                 debug!(%error, "Publish failed on its channel.");
                 return Err(Attempt::ChannelError);
             }
             Ok(Ok(confirm)) => confirm,
         };
-        let confirmation = match timeout_at(deadline, confirm).await {
-            Err(_) => return Err(Attempt::Timeout),
+        let confirmation = match on_link(&link, deadline, confirm).await {
+            Err(stop) => return Err(self.stopped(&link, stop)),
             Ok(Err(error)) => {
                 debug!(%error, "Confirm failed on its channel.");
                 return Err(Attempt::ChannelError);
             }
             Ok(Ok(c)) => c,
         };
+        self.inner.state.confirmed(&link);
         self.inner.metrics.confirm_latency(source, started.elapsed());
         match confirmation {
             Confirmation::Ack(None) => Ok(()),
@@ -234,7 +278,7 @@ impl Broker for AmqpPublisher {
     /// Publishes envelopes in order on one channel, pipelined, and returns how many
     /// from the start of `batch` were confirmed (the rest are to be tried again).
     async fn publish_in_order(&self, batch: &[&Envelope], deadline: Instant) -> usize {
-        let Ok(ch) = self.channel(deadline).await else {
+        let Ok((link, ch)) = self.channel(deadline).await else {
             return 0;
         };
         let mut pending = Vec::with_capacity(batch.len());
@@ -246,20 +290,29 @@ impl Broker for AmqpPublisher {
                 &env.body,
                 properties(env),
             );
-            match timeout_at(deadline, publish).await {
+            match on_link(&link, deadline, publish).await {
                 Ok(Ok(confirm)) => pending.push(confirm),
-                _ => break,
+                Ok(Err(_)) => break,
+                Err(stop) => {
+                    self.stopped(&link, stop);
+                    break;
+                }
             }
         }
         let mut confirmed = 0;
         for (env, confirm) in batch.iter().zip(pending) {
-            match timeout_at(deadline, confirm).await {
+            match on_link(&link, deadline, confirm).await {
                 Ok(Ok(Confirmation::Ack(None))) => confirmed += 1,
                 Ok(Ok(Confirmation::Ack(Some(returned)))) if !is_return_of(&returned, &env.id) => {
                     confirmed += 1
                 }
-                _ => break,
+                Ok(_) => break,
+                Err(stop) => {
+                    self.stopped(&link, stop);
+                    break;
+                }
             }
+            self.inner.state.confirmed(&link);
         }
         confirmed
     }
