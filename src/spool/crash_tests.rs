@@ -26,10 +26,7 @@ fn copy_dir(from: &Path, to: &Path) {
 async fn crash_snapshot_reopen_loses_nothing() {
     let tmp = TempDir::new("crash-live");
     let copy = TempDir::new("crash-copy");
-    let (spool, _) = Spool::open(tmp.path(), opts(1 << 20, 512)).await.unwrap();
-    for i in 0..50 {
-        spool.append(rec(i)).await.unwrap();
-    }
+    let spool = filled(tmp.path(), opts(1 << 20, 512), 0..50).await;
     let first_seg = seg_files(tmp.path())[0].clone();
     let first_seg_data = fs::read(&first_seg).unwrap();
     let items = spool.peek_batch(12).await.unwrap();
@@ -57,10 +54,7 @@ async fn crash_snapshot_reopen_loses_nothing() {
 async fn reopen_after_drop_finds_everything() {
     let tmp = TempDir::new("reopen");
     {
-        let (spool, _) = Spool::open(tmp.path(), opts(1 << 20, 1024)).await.unwrap();
-        for i in 0..40 {
-            spool.append(rec(i)).await.unwrap();
-        }
+        let spool = filled(tmp.path(), opts(1 << 20, 1024), 0..40).await;
         let items = spool.peek_batch(5).await.unwrap();
         spool.remove_through(items[4].0).await.unwrap();
         // Dropped without close.

@@ -106,10 +106,7 @@ mod tests {
     async fn torn_cursor_slot_falls_back_then_replays_from_oldest() {
         let tmp = TempDir::new("cursor");
         {
-            let (spool, _) = Spool::open(tmp.path(), SpoolOptions::default()).await.unwrap();
-            for i in 0..6 {
-                spool.append(rec(i)).await.unwrap();
-            }
+            let spool = filled(tmp.path(), SpoolOptions::default(), 0..6).await;
             let items = spool.peek_batch(4).await.unwrap();
             // Generation 1 goes to slot 1, generation 2 to slot 0.
             spool.remove_through(items[1].0).await.unwrap();

@@ -411,8 +411,7 @@ mod tests {
 
     #[tokio::test]
     async fn wait_nonempty_wakes_on_append() {
-        let tmp = TempDir::new("wait");
-        let (spool, _) = Spool::open(tmp.path(), SpoolOptions::default()).await.unwrap();
+        let (_tmp, spool) = fresh("wait").await;
         let waiter = {
             let spool = spool.clone();
             tokio::spawn(async move { spool.wait_nonempty().await })
@@ -427,8 +426,7 @@ mod tests {
 
     #[tokio::test]
     async fn close_rejects_appends_and_positions_of_other_instances() {
-        let tmp = TempDir::new("close");
-        let (spool, _) = Spool::open(tmp.path(), SpoolOptions::default()).await.unwrap();
+        let (tmp, spool) = fresh("close").await;
         spool.append(rec(0)).await.unwrap();
         let items = spool.peek_batch(1).await.unwrap();
         spool.close().await;

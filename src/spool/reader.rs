@@ -354,10 +354,7 @@ mod tests {
     #[tokio::test]
     async fn removal_across_segments_deletes_old_segment_files() {
         let tmp = TempDir::new("segments");
-        let (spool, _) = Spool::open(tmp.path(), opts(1 << 20, 256)).await.unwrap();
-        for i in 0..30 {
-            spool.append(rec(i)).await.unwrap();
-        }
+        let spool = filled(tmp.path(), opts(1 << 20, 256), 0..30).await;
         let n_segs = seg_files(tmp.path()).len();
         assert!(n_segs >= 6, "{n_segs} segments");
         // Every segment holds at most 256 bytes unless it is a single record.
@@ -393,10 +390,7 @@ mod tests {
     #[tokio::test]
     async fn corrupt_record_found_while_reading_is_skipped() {
         let tmp = TempDir::new("mid-read");
-        let (spool, _) = Spool::open(tmp.path(), opts(1 << 20, 256)).await.unwrap();
-        for i in 0..20 {
-            spool.append(rec(i)).await.unwrap();
-        }
+        let spool = filled(tmp.path(), opts(1 << 20, 256), 0..20).await;
         let segs = seg_files(tmp.path());
         let one = frame_len(&rec(0));
         let in_first = (fs::metadata(&segs[0]).unwrap().len() - SEGMENT_HEADER_LEN) / one;

@@ -25,10 +25,16 @@ use super::writer::Active;
 
 /// What `open` starts from.
 pub(super) struct Recovered {
+    /// Segments, head and tail as found.
     pub(super) state: State,
+    /// The segment appends continue in, positioned at its valid end.
     pub(super) active: Active,
+    /// Sequence number of the next segment to create (above every one seen, set
+    /// aside, or named by the cursor).
     pub(super) next_seq: u64,
+    /// The cursor file, open for the drainer's writes.
     pub(super) cursor: CursorFile,
+    /// What was found and repaired.
     pub(super) report: OpenReport,
 }
 
@@ -162,6 +168,9 @@ fn scan(dir: &Path, seqs: &[u64], first_start: u64) -> io::Result<Vec<Scanned>> 
         .collect()
 }
 
+const CUT_TAIL: &str = "spool: torn or corrupt tail record; truncating after the last good record";
+const SKIP_REST: &str = "spool: corrupt record inside a sealed segment; skipping the rest of that segment";
+
 /// A segment recovery keeps, after repair.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Kept {
@@ -226,27 +235,17 @@ fn repair(dir: &Path, scans: Vec<Scanned>, report: &mut OpenReport) -> io::Resul
             out.cursor_dirty = true;
         }
         if let Some(err) = scan.error {
+            let lost = scan.file_len - scan.valid_len;
             report.corrupt_records_skipped += 1;
-            report.truncated_bytes += scan.file_len - scan.valid_len;
+            report.truncated_bytes += lost;
+            let (segment, offset, reason) = (seq, scan.valid_len, err.as_str());
             if is_tail {
-                tracing::warn!(
-                    segment = seq,
-                    offset = scan.valid_len,
-                    cut_bytes = scan.file_len - scan.valid_len,
-                    reason = err.as_str(),
-                    "spool: torn or corrupt tail record; truncating after the last good record"
-                );
+                tracing::warn!(segment, offset, cut_bytes = lost, reason, "{CUT_TAIL}");
                 let f = OpenOptions::new().write(true).open(&path)?;
                 f.set_len(scan.valid_len)?;
                 f.sync_all()?;
             } else {
-                tracing::warn!(
-                    segment = seq,
-                    offset = scan.valid_len,
-                    skipped_bytes = scan.file_len - scan.valid_len,
-                    reason = err.as_str(),
-                    "spool: corrupt record inside a sealed segment; skipping the rest of that segment"
-                );
+                tracing::warn!(segment, offset, skipped_bytes = lost, reason, "{SKIP_REST}");
             }
         }
         out.kept.push(Kept {
@@ -379,13 +378,7 @@ mod tests {
         // Cuts inside the frame header and inside the payload of the last record.
         for cut in [1, 3, 4, 7, 8, 9, last / 2, last - 1] {
             let tmp = TempDir::new("torn");
-            {
-                let (spool, _) = Spool::open(tmp.path(), SpoolOptions::default()).await.unwrap();
-                for i in 0..5 {
-                    spool.append(rec(i)).await.unwrap();
-                }
-                spool.close().await;
-            }
+            filled(tmp.path(), SpoolOptions::default(), 0..5).await.close().await;
             let seg = seg_files(tmp.path()).pop().unwrap();
             let full = fs::metadata(&seg).unwrap().len();
             let f = OpenOptions::new().write(true).open(&seg).unwrap();
@@ -412,12 +405,7 @@ mod tests {
     #[tokio::test]
     async fn flipped_byte_in_last_record_is_skipped() {
         let tmp = TempDir::new("flip");
-        {
-            let (spool, _) = Spool::open(tmp.path(), SpoolOptions::default()).await.unwrap();
-            for i in 0..5 {
-                spool.append(rec(i)).await.unwrap();
-            }
-        }
+        drop(filled(tmp.path(), SpoolOptions::default(), 0..5).await);
         let seg = seg_files(tmp.path()).pop().unwrap();
         let len = fs::metadata(&seg).unwrap().len();
         flip_byte(&seg, len - 3);
@@ -432,12 +420,7 @@ mod tests {
     #[tokio::test]
     async fn zero_filled_tail_is_cut() {
         let tmp = TempDir::new("zeros");
-        {
-            let (spool, _) = Spool::open(tmp.path(), SpoolOptions::default()).await.unwrap();
-            for i in 0..3 {
-                spool.append(rec(i)).await.unwrap();
-            }
-        }
+        drop(filled(tmp.path(), SpoolOptions::default(), 0..3).await);
         let seg = seg_files(tmp.path()).pop().unwrap();
         let mut data = fs::read(&seg).unwrap();
         data.extend_from_slice(&[0u8; 4096]);
@@ -452,12 +435,7 @@ mod tests {
     #[tokio::test]
     async fn corrupt_record_in_sealed_segment_skips_to_next_segment_at_open() {
         let tmp = TempDir::new("mid-open");
-        {
-            let (spool, _) = Spool::open(tmp.path(), opts(1 << 20, 512)).await.unwrap();
-            for i in 0..30 {
-                spool.append(rec(i)).await.unwrap();
-            }
-        }
+        drop(filled(tmp.path(), opts(1 << 20, 512), 0..30).await);
         let segs = seg_files(tmp.path());
         assert!(segs.len() >= 3);
         let in_first = (fs::metadata(&segs[0]).unwrap().len() - SEGMENT_HEADER_LEN) / frame_len(&rec(0));
@@ -477,12 +455,7 @@ mod tests {
     #[tokio::test]
     async fn torn_segment_header_and_foreign_segment_are_handled() {
         let tmp = TempDir::new("header");
-        {
-            let (spool, _) = Spool::open(tmp.path(), SpoolOptions::default()).await.unwrap();
-            for i in 0..3 {
-                spool.append(rec(i)).await.unwrap();
-            }
-        }
+        drop(filled(tmp.path(), SpoolOptions::default(), 0..3).await);
         // A crash right after creating segment 2: 3 bytes of its header.
         fs::write(segment_path(tmp.path(), 2), &SEGMENT_MAGIC[..3]).unwrap();
         let (spool, report) = Spool::open(tmp.path(), SpoolOptions::default()).await.unwrap();

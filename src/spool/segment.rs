@@ -108,6 +108,7 @@ pub(super) fn read_frame(
 
 /// One segment file as read from a start offset: how far its records are valid.
 pub(super) struct Scan {
+    /// Length of the file as found.
     pub(super) file_len: u64,
     /// The file starts with [`SEGMENT_MAGIC`].
     pub(super) header_ok: bool,
@@ -115,8 +116,9 @@ pub(super) struct Scan {
     pub(super) start: u64,
     /// End of the last valid record (where a torn tail is cut).
     pub(super) valid_len: u64,
-    /// Valid records from `start` on, and their frame bytes.
+    /// Valid records from `start` on.
     pub(super) records: u64,
+    /// Their frames' bytes (headers included).
     pub(super) bytes: u64,
     /// What stopped the scan before the end of the file, if anything.
     pub(super) error: Option<FrameError>,

@@ -9,7 +9,9 @@ use super::segment::SEGMENT_HEADER_LEN;
 /// Where the oldest pending record starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Head {
+    /// Segment holding it (or, once everything is removed, the active segment).
     pub(super) seg: u64,
+    /// Byte offset of its frame in that segment.
     pub(super) off: u64,
     /// Ordinal of the first pending record.
     pub(super) index: u64,

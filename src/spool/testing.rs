@@ -87,3 +87,19 @@ pub(super) fn flip_byte(path: &Path, at: u64) {
     data[at as usize] ^= 0x5a;
     fs::write(path, data).unwrap();
 }
+
+/// Opens the spool in `dir` and appends `rec(i)` for each `i` of `records`.
+pub(super) async fn filled(dir: &Path, opts: SpoolOptions, records: std::ops::Range<usize>) -> Spool {
+    let (spool, _) = Spool::open(dir, opts).await.unwrap();
+    for i in records {
+        spool.append(rec(i)).await.unwrap();
+    }
+    spool
+}
+
+/// A new spool with default options in a new directory named after `name`.
+pub(super) async fn fresh(name: &str) -> (TempDir, Spool) {
+    let tmp = TempDir::new(name);
+    let (spool, _) = Spool::open(tmp.path(), SpoolOptions::default()).await.unwrap();
+    (tmp, spool)
+}

@@ -48,7 +48,9 @@ impl Drop for Reservation {
 
 /// The segment the writer appends to.
 pub(super) struct Active {
+    /// Its sequence number (file name).
     pub(super) seq: u64,
+    /// Open for writing; every write seeks to `len` first.
     pub(super) file: File,
     /// Durable valid length.
     pub(super) len: u64,
@@ -228,10 +230,7 @@ mod tests {
     async fn full_when_over_max_bytes() {
         let tmp = TempDir::new("full");
         let one = frame_len(&rec(0));
-        let (spool, _) = Spool::open(tmp.path(), opts(3 * one + one / 2, 1 << 20)).await.unwrap();
-        for i in 0..3 {
-            spool.append(rec(i)).await.unwrap();
-        }
+        let spool = filled(tmp.path(), opts(3 * one + one / 2, 1 << 20), 0..3).await;
         let seg = seg_files(tmp.path()).pop().unwrap();
         let before = fs::metadata(&seg).unwrap().len();
         assert!(matches!(spool.append(rec(3)).await, Err(SpoolError::Full)));

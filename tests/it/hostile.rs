@@ -125,7 +125,8 @@ fn rows() -> Vec<Row> {
     };
     let many_headers: Vec<String> = (0..120).map(|i| format!("x-filler-{i}: {i}")).collect();
 
-    vec![
+    let mut rows = Vec::new();
+    rows.extend([
         // --- signature and event headers -------------------------------------------
         Row {
             name: "missing signature",
@@ -400,43 +401,23 @@ fn rows() -> Vec<Row> {
             answer: Status(200),
             moves: Published(1.0),
         },
-        // --- paths -----------------------------------------------------------------
-        Row {
-            name: "path traversal /webhooks/../webhooks/patreon",
-            wire: post_wire("/webhooks/../webhooks/patreon", &[ev.clone(), good_sig.clone()], &good_body),
-            answer: Status(404),
-            moves: Rejected("_unknown", "unknown_source"),
-        },
-        Row {
-            name: "encoded slash /webhooks/patreon%2F..",
-            wire: post_wire("/webhooks/patreon%2F..", &[ev.clone(), good_sig.clone()], &good_body),
-            answer: Status(404),
-            moves: Rejected("_unknown", "unknown_source"),
-        },
-        Row {
-            name: "percent-encoded name /webhooks/%70atreon",
-            wire: post_wire("/webhooks/%70atreon", &[ev.clone(), good_sig.clone()], &good_body),
-            answer: Status(404),
-            moves: Rejected("_unknown", "unknown_source"),
-        },
-        Row {
-            name: "upper-case name /webhooks/PATREON",
-            wire: post_wire("/webhooks/PATREON", &[ev.clone(), good_sig.clone()], &good_body),
-            answer: Status(404),
-            moves: Rejected("_unknown", "unknown_source"),
-        },
-        Row {
-            name: "trailing slash /webhooks/patreon/",
-            wire: post_wire("/webhooks/patreon/", &[ev.clone(), good_sig.clone()], &good_body),
-            answer: Status(404),
-            moves: Rejected("_unknown", "unknown_source"),
-        },
-        Row {
-            name: "double leading slash //webhooks/patreon",
-            wire: post_wire("//webhooks/patreon", &[ev.clone(), good_sig.clone()], &good_body),
-            answer: Status(404),
-            moves: Rejected("_unknown", "not_found"),
-        },
+    ]);
+    // --- paths: a signed request to a path that is not exactly /webhooks/patreon ---------
+    let paths: [(&'static str, &str, &'static str); 6] = [
+        ("path traversal /webhooks/../webhooks/patreon", "/webhooks/../webhooks/patreon", "unknown_source"),
+        ("encoded slash /webhooks/patreon%2F..", "/webhooks/patreon%2F..", "unknown_source"),
+        ("percent-encoded name /webhooks/%70atreon", "/webhooks/%70atreon", "unknown_source"),
+        ("upper-case name /webhooks/PATREON", "/webhooks/PATREON", "unknown_source"),
+        ("trailing slash /webhooks/patreon/", "/webhooks/patreon/", "unknown_source"),
+        ("double leading slash //webhooks/patreon", "//webhooks/patreon", "not_found"),
+    ];
+    rows.extend(paths.map(|(name, path, reason)| Row {
+        name,
+        wire: post_wire(path, &[ev.clone(), good_sig.clone()], &good_body),
+        answer: Status(404),
+        moves: Rejected("_unknown", reason),
+    }));
+    rows.extend([
         Row {
             name: "NUL byte in the path",
             wire: raw_head(&[b"POST /webhooks/patreon\0 HTTP/1.1\r\nhost: relay\r\nconnection: close\r\n\r\n"]),
@@ -492,7 +473,8 @@ fn rows() -> Vec<Row> {
             answer: Status(401),
             moves: Signature("missing"),
         },
-    ]
+    ]);
+    rows
 }
 
 /// What came back on one connection.

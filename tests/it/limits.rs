@@ -105,20 +105,10 @@ async fn allowlist_refuses_other_addresses_before_anything_else() {
     assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
     assert!(took < Duration::from_secs(2), "took {took:?}");
 
-    assert_eq!(
-        relay
-            .metric("hookrelay_webhooks_rejected_total", &[("source", "patreon"), ("reason", "ip_denied")])
-            .await,
-        4.0
-    );
+    assert_eq!(relay.by_reason("hookrelay_webhooks_rejected_total", "ip_denied").await, 4.0);
     // Denied requests are not counted as received, nor did they reach the signature.
     assert_eq!(relay.metric("hookrelay_webhooks_received_total", &[("source", "patreon")]).await, 1.0);
-    assert_eq!(
-        relay
-            .metric("hookrelay_signature_failures_total", &[("source", "patreon"), ("reason", "mismatch")])
-            .await,
-        0.0
-    );
+    assert_eq!(relay.by_reason("hookrelay_signature_failures_total", "mismatch").await, 0.0);
     // Unknown paths are still 404 for everyone (the allowlist is per source).
     let (answer, _) = send_from(
         localhost(),

@@ -32,13 +32,7 @@ async fn a_sigkilled_relay_drains_its_spool_after_restart() {
     let mut second = Child::spawn(&dir, "second", config.clone(), &[]);
     second.wait_for("/readyz").await;
     // Ready already means "the spool accepts"; the queue exists once connected.
-    let admin = second.admin;
-    eventually("the restarted relay to connect", Duration::from_secs(20), || async move {
-        let (_, _, text) = get(admin, "/metrics").await;
-        (metric_value(&String::from_utf8_lossy(&text), "hookrelay_broker_connected", &[]) == Some(1.0))
-            .then_some(())
-    })
-    .await;
+    wait_for_metric(second.admin, "hookrelay_broker_connected", &[], 1.0, Duration::from_secs(20)).await;
     let conn = broker().await;
     let queue = format!("{}.patreon", config.exchange);
     let got = take_messages(&conn, &queue, ids.len(), Duration::from_secs(30)).await;

@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use lapin::types::FieldTable;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -25,13 +24,9 @@ async fn pitfall_fixtures_get_their_expected_status() {
             assert_eq!(&body[..], br#"{"error":"invalid signature"}"#);
         }
     }
-    let mismatch = relay
-        .metric("hookrelay_signature_failures_total", &[("source", "patreon"), ("reason", "mismatch")])
-        .await;
+    let mismatch = relay.by_reason("hookrelay_signature_failures_total", "mismatch").await;
     assert_eq!(mismatch, 4.0);
-    let bad_json = relay
-        .metric("hookrelay_webhooks_rejected_total", &[("source", "patreon"), ("reason", "invalid_json")])
-        .await;
+    let bad_json = relay.by_reason("hookrelay_webhooks_rejected_total", "invalid_json").await;
     assert_eq!(bad_json, 1.0);
     relay.stop_and_cleanup().await;
 }
@@ -118,15 +113,7 @@ async fn refusals_get_their_status_and_metric() {
     let (got, headers, _) = request(relay.ingest, "GET", "/webhooks/patreon").await;
     assert_eq!(got, 405);
     assert_eq!(headers.get("allow").map(String::as_str), Some("POST"));
-    assert_eq!(
-        relay
-            .metric(
-                "hookrelay_webhooks_rejected_total",
-                &[("source", "patreon"), ("reason", "method_not_allowed")]
-            )
-            .await,
-        1.0
-    );
+    assert_eq!(relay.by_reason("hookrelay_webhooks_rejected_total", "method_not_allowed").await, 1.0);
     let received = relay.metric("hookrelay_webhooks_received_total", &[("source", "patreon")]).await;
     assert_eq!(received, 7.0);
     relay.stop_and_cleanup().await;
@@ -163,15 +150,7 @@ async fn bodies_over_the_limit_get_413() {
     let (status, _, _) =
         post(relay.ingest, "/webhooks/patreon", &[("X-Patreon-Event", "members:create")], body).await;
     assert_eq!(status, 401);
-    assert_eq!(
-        relay
-            .metric(
-                "hookrelay_webhooks_rejected_total",
-                &[("source", "patreon"), ("reason", "body_too_large")]
-            )
-            .await,
-        2.0
-    );
+    assert_eq!(relay.by_reason("hookrelay_webhooks_rejected_total", "body_too_large").await, 2.0);
     relay.stop_and_cleanup().await;
 }
 
@@ -179,26 +158,11 @@ async fn bodies_over_the_limit_get_413() {
 async fn unroutable_without_alternate_exchange_is_503() {
     let relay2 =
         RelayConfig::new().amqp("unrouted_exchange", "").amqp("dead_letter_exchange", "").start().await;
-    let exchange2 = relay2.exchange.clone();
-    let conn = broker().await;
-    let ch = conn.create_channel().await.unwrap();
-    ch.queue_unbind(
-        relay2.queue("patreon").as_str().into(),
-        exchange2.as_str().into(),
-        "patreon.#".into(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    relay2.unbind_source_queue().await;
     let (status, headers, _) = Signed::new().post(relay2.ingest).await;
     assert_eq!(status, 503);
     assert_eq!(headers.get("retry-after").map(String::as_str), Some("5"));
-    assert_eq!(
-        relay2
-            .metric("hookrelay_publish_failures_total", &[("source", "patreon"), ("reason", "unroutable")])
-            .await,
-        1.0
-    );
+    assert_eq!(relay2.by_reason("hookrelay_publish_failures_total", "unroutable").await, 1.0);
     relay2.stop_and_cleanup().await;
 }
 
@@ -217,14 +181,8 @@ async fn nacked_without_dead_letter_exchange_is_503() {
     let (status, headers, _) = Signed::new().post(relay.ingest).await;
     assert_eq!(status, 503);
     assert!(headers.contains_key("retry-after"));
-    assert_eq!(
-        relay.metric("hookrelay_publish_failures_total", &[("source", "patreon"), ("reason", "nack")]).await,
-        1.0
-    );
-    assert_eq!(
-        relay.metric("hookrelay_publish_retries_total", &[("source", "patreon"), ("reason", "nack")]).await,
-        1.0
-    );
+    assert_eq!(relay.by_reason("hookrelay_publish_failures_total", "nack").await, 1.0);
+    assert_eq!(relay.by_reason("hookrelay_publish_retries_total", "nack").await, 1.0);
     let _ = ch.queue_delete(full.as_str().into(), Default::default()).await;
     relay.stop_and_cleanup().await;
 }
@@ -259,14 +217,9 @@ async fn graceful_shutdown_lets_an_in_flight_request_finish() {
     );
     s.write_all(head.as_bytes()).await.unwrap();
     s.write_all(&body[..5]).await.unwrap();
-    let admin = relay.admin;
-    eventually("the request to be in flight", Duration::from_secs(5), || async move {
-        let (_, _, text) = get(admin, "/metrics").await;
-        (metric_value(&String::from_utf8_lossy(&text), "hookrelay_inflight_requests", &[]) == Some(1.0))
-            .then_some(())
-    })
-    .await;
+    wait_for_metric(relay.admin, "hookrelay_inflight_requests", &[], 1.0, Duration::from_secs(5)).await;
     relay.begin_shutdown();
+    let admin = relay.admin;
     eventually("readiness to drop", Duration::from_secs(5), || async move {
         (get(admin, "/readyz").await.0 == 503).then_some(())
     })

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -79,6 +80,23 @@ pub async fn request(addr: SocketAddr, method: &str, path: &str) -> Response {
         .body(Full::new(Bytes::new()))
         .unwrap();
     send(addr, req).await
+}
+
+/// Waits up to `limit` until the sample `name{labels}` on the admin listener at
+/// `admin` reads `value`.
+pub async fn wait_for_metric(
+    admin: SocketAddr,
+    name: &str,
+    labels: &[(&str, &str)],
+    value: f64,
+    limit: Duration,
+) {
+    let what = format!("{name}{labels:?} to read {value}");
+    super::eventually(&what, limit, || async move {
+        let (_, _, text) = get(admin, "/metrics").await;
+        (metric_value(&String::from_utf8_lossy(&text), name, labels) == Some(value)).then_some(())
+    })
+    .await;
 }
 
 /// `POST path` as bytes: the given header lines, `Content-Length`, `Connection: close`.

@@ -253,6 +253,21 @@ impl Relay {
         metric_value(&String::from_utf8_lossy(&body), name, labels).unwrap_or(0.0)
     }
 
+    /// The sample `name{source="patreon",reason}` (rejections, failures, retries).
+    pub async fn by_reason(&self, name: &str, reason: &str) -> f64 {
+        self.metric(name, &[("source", "patreon"), ("reason", reason)]).await
+    }
+
+    /// Unbinds the `patreon` queue from the main exchange, so its events are unroutable.
+    pub async fn unbind_source_queue(&self) {
+        let conn = broker().await;
+        let ch = conn.create_channel().await.unwrap();
+        let (queue, exchange) = (self.queue("patreon"), self.exchange.as_str());
+        let args = lapin::types::FieldTable::default();
+        ch.queue_unbind(queue.as_str().into(), exchange.into(), "patreon.#".into(), args).await.unwrap();
+        let _ = conn.close(200, "unbound".into()).await;
+    }
+
     /// Asks the relay to stop and waits for it.
     pub async fn stop(&mut self) {
         if let Some(tx) = self.shutdown.take() {
