@@ -109,9 +109,9 @@ fn real_main() -> anyhow::Result<ExitCode> {
         Command::Replay { queue, limit, dry_run } => {
             let config = config::load_from(cli.config.as_deref(), &env)?.validate()?;
             let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
-            let url = secrecy::ExposeSecret::expose_secret(&config.amqp.url).to_owned();
+            let urls: Vec<&str> = config.amqp.urls.iter().map(secrecy::ExposeSecret::expose_secret).collect();
             let report = runtime.block_on(hookrelay::replay::replay(
-                &url,
+                &urls,
                 &config.amqp.exchange,
                 &queue,
                 limit,

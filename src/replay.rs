@@ -43,26 +43,31 @@ fn header_text(headers: &lapin::types::FieldTable, key: &str) -> Option<String> 
     }
 }
 
-/// Replays up to `limit` messages of `queue` to `exchange`; `dry_run` only lists
-/// them (they stay in the queue). `print` is called once per message.
+/// Replays up to `limit` messages of `queue` to `exchange`, connected to the first of
+/// `urls` (one per cluster node) that accepts; `dry_run` only lists them (they stay in
+/// the queue). `print` is called once per message.
 pub async fn replay(
-    url: &str,
+    urls: &[&str],
     exchange: &str,
     queue: &str,
     limit: Option<u64>,
     dry_run: bool,
     mut print: impl FnMut(&ReplayLine),
 ) -> anyhow::Result<ReplayReport> {
-    let conn = tokio::time::timeout(
-        Duration::from_secs(10),
-        Connection::connect(
-            url,
-            ConnectionProperties::default().with_connection_name("hookrelay-replay".into()),
-        ),
-    )
-    .await
-    .context("connecting to the broker timed out")?
-    .context("cannot connect to the broker")?;
+    let mut connected = None;
+    for url in urls {
+        let props = ConnectionProperties::default().with_connection_name("hookrelay-replay".into());
+        match tokio::time::timeout(Duration::from_secs(10), Connection::connect(url, props)).await {
+            Ok(Ok(conn)) => {
+                connected = Some(conn);
+                break;
+            }
+            Ok(Err(_)) | Err(_) => continue,
+        }
+    }
+    let Some(conn) = connected else {
+        bail!("cannot connect to the broker ({} URL(s) tried; none accepted within 10 s)", urls.len());
+    };
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     let mut report = ReplayReport::default();

@@ -6,14 +6,17 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use super::{ConfigError, invalid, positive, positive_ms};
+use super::{ConfigError, OneOrMany, invalid, positive, positive_ms, split_commas};
 
 /// `[amqp]`
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AmqpSettings {
-    /// Broker URL (`amqp://user:password@host:port/vhost`); treated as a secret.
-    pub url: SecretString,
+    /// Broker URL (`amqp://user:password@host:port/vhost`), or a list of them, one per
+    /// node of a RabbitMQ cluster; one string (as from the environment) may hold several,
+    /// comma-separated. The relay starts at a random one and tries the others in turn.
+    /// Each is a secret: logs show host:port only.
+    pub url: OneOrMany<SecretString>,
     /// Durable topic exchange events are published to.
     pub exchange: String,
     /// Alternate exchange that keeps messages no binding routes; empty disables it.
@@ -41,12 +44,15 @@ pub struct AmqpSettings {
     pub retry_delays_ms: Vec<u64>,
     /// Deliveries of one message to consumers before it is parked.
     pub delivery_limit: u32,
+    /// Members each quorum queue is created with (`x-quorum-initial-group-size`), e.g. 3
+    /// on a cluster of three or more nodes; unset lets the broker decide.
+    pub quorum_initial_group_size: Option<u32>,
 }
 
 impl Default for AmqpSettings {
     fn default() -> Self {
         AmqpSettings {
-            url: SecretString::from("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            url: OneOrMany::One(SecretString::from("amqp://guest:guest@127.0.0.1:5672/%2f")),
             exchange: "hookrelay".into(),
             unrouted_exchange: None,
             dead_letter_exchange: None,
@@ -62,6 +68,7 @@ impl Default for AmqpSettings {
             declare_topology: true,
             retry_delays_ms: vec![10_000, 60_000, 600_000],
             delivery_limit: 5,
+            quorum_initial_group_size: None,
         }
     }
 }
@@ -69,8 +76,8 @@ impl Default for AmqpSettings {
 /// Broker settings after validation.
 #[derive(Debug, Clone)]
 pub struct AmqpConfig {
-    /// Broker URL (secret: may hold a password).
-    pub url: SecretString,
+    /// Broker URLs, one per node, in the configured order (secrets: may hold passwords).
+    pub urls: Vec<SecretString>,
     /// Main exchange.
     pub exchange: String,
     /// Alternate exchange, if any.
@@ -95,6 +102,8 @@ pub struct AmqpConfig {
     pub retry_delays: Vec<Duration>,
     /// Deliveries before parking.
     pub delivery_limit: u32,
+    /// Quorum queue members at creation; `None` lets the broker decide.
+    pub quorum_initial_group_size: Option<u32>,
 }
 
 const EXCHANGE_RULE: &str = "use 1-200 characters of [A-Za-z0-9._:-]";
@@ -106,16 +115,24 @@ fn valid_exchange(name: &str) -> bool {
 }
 
 impl AmqpSettings {
-    /// The whole section, the URL first.
+    /// The whole section, the URLs first.
     pub(super) fn validate(self) -> Result<AmqpConfig, ConfigError> {
-        if self.url.expose_secret().parse::<lapin::uri::AMQPUri>().is_err() {
-            // The URL may hold a password: never echo it.
-            return Err(invalid(
-                "amqp.url",
-                "not a valid AMQP URL (expected amqp://user:password@host:port/vhost)",
-            ));
+        let config = self.validate_topology()?;
+        if config.urls.is_empty() {
+            return Err(invalid("amqp.url", "give at least one broker URL"));
         }
-        self.validate_topology()
+        for (i, url) in config.urls.iter().enumerate() {
+            if url.expose_secret().parse::<lapin::uri::AMQPUri>().is_err() {
+                // The URL may hold a password: never echo it.
+                let key =
+                    if config.urls.len() == 1 { "amqp.url".to_owned() } else { format!("amqp.url[{i}]") };
+                return Err(invalid(
+                    key,
+                    "not a valid AMQP URL (expected amqp://user:password@host:port/vhost)",
+                ));
+            }
+        }
+        Ok(config)
     }
 
     /// Everything but the URL, which is carried unchecked: enough to describe the
@@ -147,12 +164,70 @@ impl AmqpSettings {
             declare_topology: self.declare_topology,
             retry_delays: self.retry_delays_ms.iter().map(|&ms| Duration::from_millis(ms)).collect(),
             delivery_limit: positive("amqp.delivery_limit", u64::from(self.delivery_limit))? as u32,
-            url: self.url,
+            quorum_initial_group_size: match self.quorum_initial_group_size {
+                Some(n) => Some(positive("amqp.quorum_initial_group_size", u64::from(n))? as u32),
+                None => None,
+            },
+            urls: url_list(self.url),
             exchange: self.exchange,
         };
         if self.retry_delays_ms.contains(&0) {
             return Err(invalid("amqp.retry_delays_ms", "delays must be greater than zero"));
         }
         Ok(config)
+    }
+}
+
+/// The URLs in order; one string may hold several, comma-separated (a comma inside a
+/// password is written `%2C`).
+fn url_list(url: OneOrMany<SecretString>) -> Vec<SecretString> {
+    url.into_vec()
+        .iter()
+        .flat_map(|u| split_commas(u.expose_secret()).map(SecretString::from).collect::<Vec<_>>())
+        .collect()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use secrecy::ExposeSecret;
+
+    use crate::config::load;
+    use crate::config::tests::{MINIMAL, env, error_of};
+
+    fn urls(text: &str, vars: &[(&str, &str)]) -> Vec<String> {
+        let cfg = load(Some(text), &env(vars)).unwrap().validate().unwrap();
+        cfg.amqp.urls.iter().map(|u| u.expose_secret().to_owned()).collect()
+    }
+
+    #[test]
+    fn the_url_is_one_or_a_list_and_the_environment_separates_with_commas() {
+        let one = "amqp://u:p@a:5672/%2f";
+        assert_eq!(urls(MINIMAL, &[]), ["amqp://guest:guest@127.0.0.1:5672/%2f"]);
+        assert_eq!(urls(&format!("{MINIMAL}[amqp]\nurl = \"{one}\"\n"), &[]), [one]);
+        let list = format!("{MINIMAL}[amqp]\nurl = [\"amqp://u:p@a/%2f\", \"amqp://u:p@b/%2f\"]\n");
+        assert_eq!(urls(&list, &[]), ["amqp://u:p@a/%2f", "amqp://u:p@b/%2f"]);
+        let vars = [("HOOKRELAY_AMQP__URL", "amqp://u:p@a/%2f, amqp://u:p@b/%2f,amqp://u:p@c/%2f,")];
+        assert_eq!(urls(MINIMAL, &vars), ["amqp://u:p@a/%2f", "amqp://u:p@b/%2f", "amqp://u:p@c/%2f"]);
+    }
+
+    #[test]
+    fn a_bad_url_in_a_list_is_named_by_position_and_never_shown() {
+        let vars = [("HOOKRELAY_AMQP__URL", "amqp://u:p@a/%2f,http://u:hunter2@b")];
+        let err = error_of(Some(MINIMAL), &env(&vars));
+        assert!(err.contains("amqp.url[1]") && !err.contains("hunter2"), "{err}");
+        let err = error_of(Some(&format!("{MINIMAL}[amqp]\nurl = []\n")), &env(&[]));
+        assert!(err.contains("amqp.url"), "{err}");
+    }
+
+    #[test]
+    fn the_quorum_group_size_is_unset_by_default_and_positive_when_set() {
+        let cfg = load(Some(MINIMAL), &env(&[])).unwrap().validate().unwrap();
+        assert_eq!(cfg.amqp.quorum_initial_group_size, None);
+        let vars = [("HOOKRELAY_AMQP__QUORUM_INITIAL_GROUP_SIZE", "3")];
+        let cfg = load(Some(MINIMAL), &env(&vars)).unwrap().validate().unwrap();
+        assert_eq!(cfg.amqp.quorum_initial_group_size, Some(3));
+        let err = error_of(Some(&format!("{MINIMAL}[amqp]\nquorum_initial_group_size = 0\n")), &env(&[]));
+        assert!(err.contains("amqp.quorum_initial_group_size"), "{err}");
     }
 }

@@ -27,7 +27,7 @@ pub use self::amqp::{AmqpConfig, AmqpSettings};
 pub use self::http::{AdminSettings, HttpConfig, HttpSettings};
 pub use self::load::{CONFIG_FILE_ENV, ENV_PREFIX, load, load_from};
 pub use self::log::{LogFormat, LogSettings, ShutdownSettings};
-pub use self::one_or_many::OneOrMany;
+pub use self::one_or_many::{OneOrMany, split_commas};
 pub use self::source::{DEFAULT_TOLERANCE_SECS, RateLimit, SourceConfig, SourceSettings};
 pub use self::spool::{SpoolConfig, SpoolSettings};
 
@@ -78,7 +78,7 @@ pub struct Config {
 /// the source names. `hookrelay topology export` needs no secret and no broker URL.
 #[derive(Debug)]
 pub struct TopologyConfig {
-    /// Exchange names and the consumer retry path. Its `url` is carried as given and
+    /// Exchange names and the consumer retry path. Its `urls` are carried as given and
     /// never checked: nothing built from this connects.
     pub amqp: AmqpConfig,
     /// Source names, sorted.

@@ -36,3 +36,9 @@ impl<T> OneOrMany<T> {
         }
     }
 }
+
+/// The items of a comma-separated list (what one environment variable gives for a list
+/// setting): blanks trimmed, empty items dropped.
+pub fn split_commas(text: &str) -> impl Iterator<Item = &str> {
+    text.split(',').map(str::trim).filter(|s| !s.is_empty())
+}

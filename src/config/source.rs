@@ -10,7 +10,7 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use super::{ConfigError, OneOrMany, invalid};
+use super::{ConfigError, OneOrMany, invalid, split_commas};
 use crate::allowlist::{Allowlist, Cidr};
 use crate::verify::{self, KindOptions, Provider, ProviderSettings};
 
@@ -245,9 +245,7 @@ fn secrets(
 /// items dropped); a list from a file is taken as it is.
 fn allowlist(key: &str, cidrs: OneOrMany<String>) -> Result<Allowlist, ConfigError> {
     let items: Vec<String> = match cidrs {
-        OneOrMany::One(text) => {
-            text.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect()
-        }
+        OneOrMany::One(text) => split_commas(&text).map(str::to_owned).collect(),
         OneOrMany::Many(items) => items,
     };
     let networks = items

@@ -87,8 +87,14 @@ pub fn return_key(exchange: &str, source: &str) -> String {
     format!("{exchange}.{source}.return")
 }
 
-fn quorum() -> (&'static str, Arg) {
-    ("x-queue-type", Arg::Str("quorum".into()))
+/// The arguments that make a queue a quorum queue, with its initial group size when
+/// configured.
+fn quorum(cfg: &AmqpConfig) -> Vec<(&'static str, Arg)> {
+    let mut args = vec![("x-queue-type", Arg::Str("quorum".into()))];
+    if let Some(n) = cfg.quorum_initial_group_size {
+        args.push(("x-quorum-initial-group-size", Arg::Int(i64::from(n))));
+    }
+    args
 }
 
 /// The topology for an exchange configuration and a set of source names.
@@ -101,12 +107,12 @@ pub fn topology<'a>(cfg: &AmqpConfig, sources: impl IntoIterator<Item = &'a str>
     t.exchanges.push(ExchangeDef { name: cfg.exchange.clone(), kind: "topic", arguments: main_args });
     if let Some(ae) = &cfg.unrouted_exchange {
         t.exchanges.push(ExchangeDef { name: ae.clone(), kind: "fanout", arguments: Vec::new() });
-        t.queues.push(QueueDef { name: ae.clone(), arguments: vec![quorum()] });
+        t.queues.push(QueueDef { name: ae.clone(), arguments: quorum(cfg) });
         t.bindings.push(BindingDef { exchange: ae.clone(), queue: ae.clone(), routing_key: String::new() });
     }
     if let Some(dlx) = &cfg.dead_letter_exchange {
         t.exchanges.push(ExchangeDef { name: dlx.clone(), kind: "topic", arguments: Vec::new() });
-        t.queues.push(QueueDef { name: dlx.clone(), arguments: vec![quorum()] });
+        t.queues.push(QueueDef { name: dlx.clone(), arguments: quorum(cfg) });
         t.bindings.push(BindingDef { exchange: dlx.clone(), queue: dlx.clone(), routing_key: "#".into() });
     }
     let x = cfg.exchange.as_str();
@@ -124,13 +130,14 @@ pub fn topology<'a>(cfg: &AmqpConfig, sources: impl IntoIterator<Item = &'a str>
     };
     // Quorum queues dead-letter at least once only with reject-publish overflow.
     let dead_letter_to = |key: String| {
-        vec![
-            quorum(),
+        let mut args = quorum(cfg);
+        args.extend([
             ("x-dead-letter-exchange", Arg::Str(retry.clone())),
             ("x-dead-letter-routing-key", Arg::Str(key)),
             ("x-dead-letter-strategy", Arg::Str("at-least-once".into())),
             ("x-overflow", Arg::Str("reject-publish".into())),
-        ]
+        ]);
+        args
     };
     for source in sources {
         let queue = source_queue(x, source);
@@ -146,7 +153,7 @@ pub fn topology<'a>(cfg: &AmqpConfig, sources: impl IntoIterator<Item = &'a str>
         });
         bind(&mut t, &queue, &return_key(x, source));
         if !cfg.retry_delays.is_empty() {
-            t.queues.push(QueueDef { name: first_stop.clone(), arguments: vec![quorum()] });
+            t.queues.push(QueueDef { name: first_stop.clone(), arguments: quorum(cfg) });
             bind(&mut t, &first_stop, &first_stop);
         }
         for delay in &cfg.retry_delays {
@@ -156,7 +163,7 @@ pub fn topology<'a>(cfg: &AmqpConfig, sources: impl IntoIterator<Item = &'a str>
             t.queues.push(QueueDef { name: name.clone(), arguments: args });
             bind(&mut t, &name, &name);
         }
-        t.queues.push(QueueDef { name: parked.clone(), arguments: vec![quorum()] });
+        t.queues.push(QueueDef { name: parked.clone(), arguments: quorum(cfg) });
         bind(&mut t, &parked, &parked);
     }
     t
@@ -261,5 +268,15 @@ mod tests {
         );
         let defs = t.to_definitions("/");
         assert_eq!(defs["queues"].as_array().unwrap().len(), t.queues.len());
+    }
+
+    #[test]
+    fn every_quorum_queue_gets_the_initial_group_size_only_when_set() {
+        let t = topology(&cfg("quorum_initial_group_size = 3"), ["s"]);
+        for q in &t.queues {
+            assert_eq!(arg(q, "x-quorum-initial-group-size"), Some(&Arg::Int(3)), "{}", q.name);
+        }
+        let t = topology(&cfg(""), ["s"]);
+        assert!(t.queues.iter().all(|q| arg(q, "x-quorum-initial-group-size").is_none()));
     }
 }

@@ -15,7 +15,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::relay::SECRET;
+use crate::support::Signed;
 
 /// Longest a request may take before the client gives up on it (status 0).
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -131,14 +131,12 @@ async fn post(
     }
     let Some(tx) = conn.as_mut() else { anyhow::bail!("no connection") };
     tx.ready().await?;
-    let body = format!(r#"{{"data":{{"id":"{tag}-{n}","type":"member"}},"n":{n}}}"#);
-    let sig = hookrelay::verify::patreon::sign(SECRET.as_bytes(), body.as_bytes());
-    let req = Request::post("/webhooks/patreon")
-        .header("host", "relay")
-        .header("content-type", "application/json")
-        .header("x-patreon-event", "members:create")
-        .header("x-patreon-signature", sig)
-        .body(Full::new(Bytes::from(body)))?;
+    let signed = Signed::of(format!(r#"{{"data":{{"id":"{tag}-{n}","type":"member"}},"n":{n}}}"#).into_bytes());
+    let mut req = Request::post("/webhooks/patreon").header("host", "relay").header("content-type", "application/json");
+    for (name, value) in signed.headers() {
+        req = req.header(name, value);
+    }
+    let req = req.body(Full::new(Bytes::from(signed.body)))?;
     let resp = match tx.send_request(req).await {
         Ok(resp) => resp,
         Err(error) => {

@@ -7,7 +7,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "../it/support.rs"]
+#[path = "../it/support/mod.rs"]
 mod support;
 
 mod load;
@@ -15,14 +15,12 @@ mod nodes;
 mod relay;
 mod report;
 
-use std::collections::HashMap;
 use std::time::Duration;
 
-use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use nodes::Cluster;
 use relay::RelayProc;
 use report::{Found, Row};
-use support::{temp_dir, unique};
+use support::{RelayConfig, temp_dir, unique};
 use tokio::time::{Instant, sleep};
 
 /// Connections posting at once, split across the two relays.
@@ -31,6 +29,9 @@ const CONCURRENCY: usize = 16;
 const TAIL: Duration = Duration::from_secs(5);
 /// How long a killed node stays down (the "restart it 10 s later").
 const DOWN_FOR: Duration = Duration::from_secs(10);
+
+/// The relays' extra `[amqp]` setting: every quorum queue on all three nodes.
+const GROUP_OF_3: &[(&str, u64)] = &[("quorum_initial_group_size", 3)];
 
 /// Events per scenario (`HOOKRELAY_CLUSTER_EVENTS`, default 20,000).
 fn events() -> u64 {
@@ -86,12 +87,15 @@ async fn scenario(cluster: &Cluster, fault: Fault) -> Row {
     let dir = temp_dir("hr-cluster");
     let exchange = unique("hr-cluster");
     let queue = format!("{exchange}.patreon");
-    let mut a = RelayProc::spawn(&dir, "relay-a", &exchange, &cluster.urls, "");
-    let mut b = RelayProc::spawn(&dir, "relay-b", &exchange, &cluster.urls[1..], "");
+    // Both start at once, so both declare the same topology at the same time.
+    let mut a = RelayProc::spawn(&dir, "relay-a", &exchange, &cluster.urls, GROUP_OF_3);
+    let mut b = RelayProc::spawn(&dir, "relay-b", &exchange, &cluster.urls, GROUP_OF_3);
     a.await_connected(Duration::from_secs(60)).await;
     b.await_connected(Duration::from_secs(60)).await;
+    let (_, members) = cluster.quorum(&queue).await.expect("the source queue exists");
+    assert_eq!(members, 3, "quorum_initial_group_size = 3 puts a member on every node");
     let events = events();
-    let stream = load::Stream::start(&[a.ingest, b.ingest], CONCURRENCY, events, &exchange);
+    let stream = load::Stream::start(&[a.child.ingest, b.child.ingest], CONCURRENCY, events, &exchange);
     // A steady stream first: the baseline that "back to normal" is measured against.
     stream.await_sent(events / 5).await;
     let from = stream.t0.elapsed();
@@ -105,8 +109,11 @@ async fn scenario(cluster: &Cluster, fault: Fault) -> Row {
     let mut spooled = 0.0;
     for (name, r) in [("A", &a), ("B", &b)] {
         let n = r.metric("hookrelay_spooled_total", &[("source", "patreon")]).await.unwrap_or(0.0);
-        let retried = r.metric("hookrelay_publish_retries_total", &[("source", "patreon"), ("reason", "nack")]).await;
-        let timeouts = r.metric("hookrelay_publish_failures_total", &[("source", "patreon"), ("reason", "timeout")]).await;
+        let retried =
+            r.metric("hookrelay_publish_retries_total", &[("source", "patreon"), ("reason", "nack")]).await;
+        let timeouts = r
+            .metric("hookrelay_publish_failures_total", &[("source", "patreon"), ("reason", "timeout")])
+            .await;
         println!("relay {name}: timeouts {timeouts:?}");
         println!("relay {name}: spooled {n}, retries after nack {retried:?}");
         spooled += n;
@@ -118,8 +125,8 @@ async fn scenario(cluster: &Cluster, fault: Fault) -> Row {
     let accepted: Vec<&str> = samples.iter().filter_map(|s| s.id.as_deref()).collect();
     let (lost, duplicates) = report::losses(&accepted, &found);
     let (ok_share_in_fault, longest, normal_after, slow_bound) = report::timing(&samples, from, to);
-    a.stop().await;
-    b.stop().await;
+    a.child.stop().await;
+    b.child.stop().await;
     delete_topology(&conn, &exchange).await;
     let _ = conn.close(200, "done".into()).await;
     let _ = std::fs::remove_dir_all(&dir);
@@ -143,19 +150,8 @@ async fn scenario(cluster: &Cluster, fault: Fault) -> Row {
 
 /// Deletes what the relays declared for `exchange`.
 async fn delete_topology(conn: &lapin::Connection, exchange: &str) {
-    let toml = format!(
-        "[amqp]\nexchange = \"{exchange}\"\n[sources.patreon]\nkind = \"patreon\"\nsecrets = \"{}\"\n",
-        relay::SECRET
-    );
-    let config = hookrelay::config::load(Some(&toml), &HashMap::new()).unwrap().validate().unwrap();
-    let topology = hookrelay::topology_for(&config);
-    let ch = conn.create_channel().await.unwrap();
-    for q in &topology.queues {
-        let _ = ch.queue_delete(q.name.as_str().into(), QueueDeleteOptions::default()).await;
-    }
-    for e in &topology.exchanges {
-        let _ = ch.exchange_delete(e.name.as_str().into(), ExchangeDeleteOptions::default()).await;
-    }
+    let toml = RelayConfig::new().amqp("exchange", exchange).toml();
+    support::cleanup_on(conn, &toml).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -166,13 +162,18 @@ async fn a_node_lost_loses_nothing() {
     let mut rows = Vec::new();
     // `HOOKRELAY_CLUSTER_SCENARIOS=leader,connected,stop_app` picks some (all by default).
     let only = std::env::var("HOOKRELAY_CLUSTER_SCENARIOS").unwrap_or_default();
-    let all = [("leader", Fault::KillLeader), ("connected", Fault::KillConnected), ("stop_app", Fault::StopApp)];
+    let all =
+        [("leader", Fault::KillLeader), ("connected", Fault::KillConnected), ("stop_app", Fault::StopApp)];
     for (name, fault) in all {
         if only.is_empty() || only.split(',').any(|o| o == name) {
             rows.push(scenario(&cluster, fault).await);
         }
     }
-    println!("{} events per scenario, {CONCURRENCY} connections over 2 relays, all in {:.0} s:", events(), started.elapsed().as_secs_f64());
+    println!(
+        "{} events per scenario, {CONCURRENCY} connections over 2 relays, all in {:.0} s:",
+        events(),
+        started.elapsed().as_secs_f64()
+    );
     report::print_table(&rows);
     for r in &rows {
         assert_eq!(r.lost, 0, "{}: events answered 2xx are missing from the broker", r.scenario);
@@ -192,15 +193,20 @@ async fn a_list_whose_first_node_is_down_connects_to_the_next() {
     let exchange = unique("hr-cluster");
     for i in 0..4 {
         let started = Instant::now();
-        let mut relay =
-            RelayProc::spawn(&dir, &format!("first-down-{i}"), &exchange, &urls, "reconnect_initial_ms = 10000");
+        let mut relay = RelayProc::spawn(
+            &dir,
+            &format!("first-down-{i}"),
+            &exchange,
+            &urls,
+            &[("reconnect_initial_ms", 10_000)],
+        );
         relay.await_connected(Duration::from_secs(4)).await;
         let took = started.elapsed();
-        let log = relay.log_text();
+        let log = relay.child.output();
         assert!(!log.contains("guest:guest"), "a URL's credentials were logged: {log}");
         assert_eq!(cluster.node_of(relay.pid()), Some(2), "connected to node 2");
         println!("relay {i}: connected in {} ms", took.as_millis());
-        relay.stop().await;
+        relay.child.stop().await;
     }
     let conn = report::connect_any(&cluster.urls).await;
     delete_topology(&conn, &exchange).await;

@@ -82,15 +82,14 @@ impl Cluster {
         self.script_async(&["ctl", &n.to_string(), verb]).await;
     }
 
-    /// The node leading quorum queue `queue`, asked of the first node that answers.
-    pub async fn leader(&self, queue: &str) -> Option<u8> {
+    /// The node leading quorum queue `queue` and its member count, asked of the first
+    /// node that answers.
+    pub async fn quorum(&self, queue: &str) -> Option<(u8, usize)> {
         for n in NODES {
             let this = self.clone();
             let out = tokio::task::spawn_blocking(move || {
-                Command::new("bash")
-                    .arg(&this.script)
-                    .args(["ctl", &n.to_string(), "list_queues", "-q", "name", "leader", "--formatter", "json"])
-                    .output()
+                let args = ["list_queues", "-q", "name", "leader", "members", "--formatter", "json"];
+                Command::new("bash").arg(&this.script).args(["ctl", &n.to_string()]).args(args).output()
             })
             .await
             .expect("ctl task");
@@ -99,12 +98,20 @@ impl Cluster {
                 continue;
             }
             let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-            let leader = rows.as_array().into_iter().flatten().find(|r| r["name"] == queue);
-            if let Some(node) = leader.and_then(|r| r["leader"].as_str()) {
-                return node_number(node);
+            let Some(row) = rows.as_array().into_iter().flatten().find(|r| r["name"] == queue) else {
+                continue;
+            };
+            let members = row["members"].as_array().map_or(0, Vec::len);
+            if let Some(leader) = row["leader"].as_str().and_then(node_number) {
+                return Some((leader, members));
             }
         }
         None
+    }
+
+    /// The node leading quorum queue `queue`.
+    pub async fn leader(&self, queue: &str) -> Option<u8> {
+        self.quorum(queue).await.map(|(leader, _)| leader)
     }
 
     /// Waits until queue `queue` has a leader on a running node; returns it.

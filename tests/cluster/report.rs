@@ -41,9 +41,11 @@ pub type Found = HashMap<String, usize>;
 /// Connects to the first cluster node that accepts.
 pub async fn connect_any(urls: &[String]) -> Connection {
     for url in urls {
-        let attempt =
-            tokio::time::timeout(Duration::from_secs(5), Connection::connect(url, ConnectionProperties::default()))
-                .await;
+        let attempt = tokio::time::timeout(
+            Duration::from_secs(5),
+            Connection::connect(url, ConnectionProperties::default()),
+        )
+        .await;
         if let Ok(Ok(conn)) = attempt {
             return conn;
         }
@@ -59,8 +61,10 @@ pub async fn drain_queue(conn: &Connection, queue: &str, found: &mut Found) -> u
     let expected = depth.message_count() as usize;
     ch.basic_qos(1000, BasicQosOptions::default()).await.expect("qos");
     let opts = BasicConsumeOptions { no_ack: true, ..Default::default() };
-    let mut consumer =
-        ch.basic_consume(queue.into(), "cluster-check".into(), opts, FieldTable::default()).await.expect("consume");
+    let mut consumer = ch
+        .basic_consume(queue.into(), "cluster-check".into(), opts, FieldTable::default())
+        .await
+        .expect("consume");
     let mut got = 0;
     let deadline = Instant::now() + Duration::from_secs(120);
     // Everything counted, then a quiet second in case more arrived meanwhile.

@@ -288,7 +288,7 @@ async fn a_rejecting_consumer_sees_the_message_again_then_finds_it_parked_and_re
 
     // Dry run lists and leaves it; a real replay moves it back with its original key.
     let mut lines = Vec::new();
-    let report = hookrelay::replay::replay(&amqp_url(), &relay.exchange, &parked, None, true, |l| {
+    let report = hookrelay::replay::replay(&[&amqp_url()], &relay.exchange, &parked, None, true, |l| {
         lines.push(l.clone())
     })
     .await
@@ -303,7 +303,7 @@ async fn a_rejecting_consumer_sees_the_message_again_then_finds_it_parked_and_re
         async move { (queue_depth(conn, &parked).await == 1).then_some(()) }
     })
     .await;
-    let report = hookrelay::replay::replay(&amqp_url(), &relay.exchange, &parked, Some(10), false, |_| {})
+    let report = hookrelay::replay::replay(&[&amqp_url()], &relay.exchange, &parked, Some(10), false, |_| {})
         .await
         .unwrap();
     assert_eq!(report.moved, 1);

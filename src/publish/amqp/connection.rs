@@ -184,8 +184,9 @@ type Events = std::pin::Pin<Box<dyn futures_util::Stream<Item = Event> + Send>>;
 /// Connects, declares the topology and opens the channel pool.
 async fn connect(inner: &Inner) -> Result<(Arc<Link>, Events), String> {
     let props = ConnectionProperties::default().with_connection_name("hookrelay".into());
-    let mut uri: AMQPUri =
-        inner.cfg.url.expose_secret().parse().map_err(|_| "invalid amqp.url".to_owned())?;
+    // Until connection setup rotates through the list: the first node only.
+    let url = inner.cfg.urls.first().ok_or_else(|| "no amqp.url".to_owned())?;
+    let mut uri: AMQPUri = url.expose_secret().parse().map_err(|_| "invalid amqp.url".to_owned())?;
     // lapin sizes its buffers from frame_max (32 frames each way): RabbitMQ's 128 KiB
     // default costs 8 MiB per connection. Our messages fit 16 KiB frames; a URL's own
     // `?frame_max=` still wins.

@@ -40,9 +40,15 @@ pub async fn broker() -> Connection {
 
 /// Deletes every queue and exchange the topology of configuration `toml` declares.
 pub async fn cleanup(toml: &str) {
+    let conn = broker().await;
+    cleanup_on(&conn, toml).await;
+    let _ = conn.close(200, "cleanup".into()).await;
+}
+
+/// Deletes the queues and exchanges a relay with `toml` declares, over `conn`.
+pub async fn cleanup_on(conn: &Connection, toml: &str) {
     let config = hookrelay::config::load(Some(toml), &HashMap::new()).unwrap().validate().unwrap();
     let topology = hookrelay::topology_for(&config);
-    let conn = broker().await;
     for q in &topology.queues {
         // Deleting a queue that is gone closes the channel: use one per object.
         let ch = conn.create_channel().await.unwrap();
@@ -52,7 +58,6 @@ pub async fn cleanup(toml: &str) {
         let ch = conn.create_channel().await.unwrap();
         let _ = ch.exchange_delete(e.name.as_str().into(), ExchangeDeleteOptions::default()).await;
     }
-    let _ = conn.close(200, "cleanup".into()).await;
 }
 
 /// Takes up to `n` messages from `queue`, acking them, waiting up to `limit` for them.

@@ -75,6 +75,11 @@ impl Child {
         }
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends a signal (`TERM`, `KILL`).
     pub fn signal(&self, sig: &str) {
         let ok =
