@@ -131,8 +131,10 @@ async fn post(
     }
     let Some(tx) = conn.as_mut() else { anyhow::bail!("no connection") };
     tx.ready().await?;
-    let signed = Signed::of(format!(r#"{{"data":{{"id":"{tag}-{n}","type":"member"}},"n":{n}}}"#).into_bytes());
-    let mut req = Request::post("/webhooks/patreon").header("host", "relay").header("content-type", "application/json");
+    let signed =
+        Signed::of(format!(r#"{{"data":{{"id":"{tag}-{n}","type":"member"}},"n":{n}}}"#).into_bytes());
+    let mut req =
+        Request::post("/webhooks/patreon").header("host", "relay").header("content-type", "application/json");
     for (name, value) in signed.headers() {
         req = req.header(name, value);
     }

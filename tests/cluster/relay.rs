@@ -50,7 +50,11 @@ impl RelayProc {
     pub async fn await_connected(&mut self, limit: Duration) {
         let deadline = Instant::now() + limit;
         while self.metric("hookrelay_broker_connected", &[]).await != Some(1.0) {
-            assert!(Instant::now() < deadline, "relay not connected after {limit:?}: {}", self.child.output());
+            assert!(
+                Instant::now() < deadline,
+                "relay not connected after {limit:?}: {}",
+                self.child.output()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }

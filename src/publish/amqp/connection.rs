@@ -1,7 +1,7 @@
-//! Connection supervision: one task connects with capped, jittered exponential
-//! backoff, declares the topology, opens the channel pool, publishes the live
-//! [`Link`] for requests to use, and watches the connection until it dies, then
-//! replaces it.
+//! Connection supervision: one task connects, trying the configured nodes in turn
+//! (see `nodes`) with capped, jittered exponential backoff between full rounds,
+//! declares the topology, opens the channel pool, publishes the live [`Link`] for
+//! requests to use, and watches the connection until it dies, then replaces it.
 //!
 //! A connection dies three ways, each counted by cause: the broker or the network
 //! closes it (`closed`); nothing, not even a heartbeat, arrives for about two
@@ -20,7 +20,7 @@ use std::time::Duration;
 use futures_util::{FutureExt, StreamExt};
 use lapin::uri::AMQPUri;
 use lapin::{Connection, ConnectionProperties, ErrorKind, Event};
-use secrecy::ExposeSecret;
+use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
@@ -28,6 +28,7 @@ use tracing::{debug, info, warn};
 
 use super::Inner;
 use super::declare::declare;
+use super::nodes::Nodes;
 use super::policy::{Attempt, Backoff};
 use super::pool::ChannelPool;
 
@@ -181,11 +182,29 @@ impl LinkState {
 /// The connection's event stream.
 type Events = std::pin::Pin<Box<dyn futures_util::Stream<Item = Event> + Send>>;
 
-/// Connects, declares the topology and opens the channel pool.
-async fn connect(inner: &Inner) -> Result<(Arc<Link>, Events), String> {
+/// One round over the nodes: the first that accepts (its index) with its link.
+async fn connect_any(inner: &Inner, nodes: &mut Nodes) -> Result<(Arc<Link>, Events, usize), String> {
+    let mut last = "no amqp.url".to_owned();
+    for i in nodes.round() {
+        match connect(inner, nodes.url(i)).await {
+            Ok((link, events)) => {
+                nodes.connected(i);
+                return Ok((link, events, i));
+            }
+            Err(error) => {
+                if nodes.len() > 1 {
+                    warn!(node = nodes.label(i), %error, "Cannot connect to this broker node; trying the next.");
+                }
+                last = error;
+            }
+        }
+    }
+    Err(last)
+}
+
+/// Connects to one node, declares the topology and opens the channel pool.
+async fn connect(inner: &Inner, url: &SecretString) -> Result<(Arc<Link>, Events), String> {
     let props = ConnectionProperties::default().with_connection_name("hookrelay".into());
-    // Until connection setup rotates through the list: the first node only.
-    let url = inner.cfg.urls.first().ok_or_else(|| "no amqp.url".to_owned())?;
     let mut uri: AMQPUri = url.expose_secret().parse().map_err(|_| "invalid amqp.url".to_owned())?;
     // lapin sizes its buffers from frame_max (32 frames each way): RabbitMQ's 128 KiB
     // default costs 8 MiB per connection. Our messages fit 16 KiB frames; a URL's own
@@ -229,17 +248,20 @@ enum End {
 pub(super) async fn supervise(inner: Arc<Inner>, shutdown: CancellationToken) {
     let state = &inner.state;
     let mut backoff = Backoff::new(inner.cfg.reconnect_initial, inner.cfg.reconnect_max);
+    // A random first node, so that replicas given the same list spread over the cluster.
+    let mut nodes = Nodes::new(inner.cfg.urls.clone(), fastrand::usize(..));
     while !shutdown.is_cancelled() {
         let connected = tokio::select! {
-            r = connect(&inner) => r,
+            r = connect_any(&inner, &mut nodes) => r,
             _ = shutdown.cancelled() => break,
         };
         match connected {
-            Ok((link, events)) => {
+            Ok((link, events, node)) => {
                 backoff.reset();
                 state.link.send_replace(Some(link.clone()));
                 inner.metrics.broker_connected(true);
                 info!(
+                    node = nodes.label(node),
                     exchange = %inner.cfg.exchange,
                     channels = link.pool.size(),
                     heartbeat_secs = link.conn.configuration().heartbeat(),
@@ -271,7 +293,7 @@ pub(super) async fn supervise(inner: Arc<Inner>, shutdown: CancellationToken) {
             }
             Err(error) => {
                 let retry_in_ms = backoff.base().as_millis() as u64;
-                warn!(%error, retry_in_ms, "Cannot connect to the broker.");
+                warn!(%error, nodes = nodes.len(), retry_in_ms, "Cannot connect to the broker.");
             }
         }
         inner.metrics.last_confirm_age(state.since_last_confirm());

@@ -4,6 +4,7 @@
 //! Each concern has its own file, the way vector's AMQP sink separates service,
 //! encoding and request building:
 //! - `connection`: the supervisor task that keeps one connection up;
+//! - `nodes`: the cluster nodes it may connect to and the order it tries them in;
 //! - `pool`: that connection's confirm-mode channels, shared round-robin;
 //! - `message`: envelope → AMQP properties and headers (pure);
 //! - `policy`: retry, dead-letter and reconnect decisions (pure);
@@ -16,6 +17,7 @@
 mod connection;
 mod declare;
 mod message;
+mod nodes;
 mod policy;
 mod pool;
 
