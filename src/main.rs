@@ -25,11 +25,16 @@ enum Command {
     Run,
     /// Validate the configuration and exit.
     CheckConfig,
-    /// Move messages from a dead-letter or parking queue back to the exchange.
+    /// Move messages from a dead-letter or parking queue, or events from the spool
+    /// quarantine, back to the exchange.
     Replay {
         /// Queue to take messages from, e.g. hookrelay.dead or hookrelay.patreon.parked.
+        #[arg(long, required_unless_present = "spool_quarantine", conflicts_with = "spool_quarantine")]
+        queue: Option<String>,
+        /// Take the events the broker refused while the spool drained, from
+        /// `{spool.dir}/quarantine` (the relay may keep running).
         #[arg(long)]
-        queue: String,
+        spool_quarantine: bool,
         /// Move at most this many messages.
         #[arg(long)]
         limit: Option<u64>,
@@ -106,20 +111,29 @@ fn real_main() -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Replay { queue, limit, dry_run } => {
+        Command::Replay { queue, spool_quarantine, limit, dry_run } => {
             let config = config::load_from(cli.config.as_deref(), &env)?.validate()?;
             let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
             let urls: Vec<&str> = config.amqp.urls.iter().map(secrecy::ExposeSecret::expose_secret).collect();
-            let report = runtime.block_on(hookrelay::replay::replay(
-                &urls,
-                &config.amqp.exchange,
-                &queue,
-                limit,
-                dry_run,
-                |line| println!("{} {} ({})", line.event_id, line.routing_key, line.reason),
-            ))?;
+            let exchange = &config.amqp.exchange;
+            let print = |line: &hookrelay::replay::ReplayLine| {
+                println!("{} {} ({})", line.event_id, line.routing_key, line.reason)
+            };
+            let (report, from) = match queue {
+                Some(queue) if !spool_quarantine => {
+                    let replay = hookrelay::replay::replay(&urls, exchange, &queue, limit, dry_run, print);
+                    (runtime.block_on(replay)?, queue)
+                }
+                _ => {
+                    let spool = config.spool.as_ref().context("--spool-quarantine needs [spool] dir")?;
+                    let replay = hookrelay::replay::replay_quarantine(
+                        &urls, exchange, &spool.dir, limit, dry_run, print,
+                    );
+                    (runtime.block_on(replay)?, "the spool quarantine".to_owned())
+                }
+            };
             let verb = if dry_run { "would move" } else { "moved" };
-            eprintln!("{verb} {} message(s) from {queue} to {}", report.moved, config.amqp.exchange);
+            eprintln!("{verb} {} message(s) from {from} to {exchange}", report.moved);
             Ok(ExitCode::SUCCESS)
         }
         Command::Topology { action: TopologyAction::Export { vhost } } => {

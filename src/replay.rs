@@ -1,7 +1,7 @@
-//! `hookrelay replay`: moves messages from a dead-letter or parking queue back to the
-//! main exchange with their original routing key. Each message is acked from its
-//! queue only after the broker confirmed the republished copy, so a replay killed
-//! half-way duplicates at most, never loses.
+//! `hookrelay replay`: moves messages from a dead-letter or parking queue, or events
+//! from the spool quarantine, back to the main exchange with their original routing
+//! key. Each message is removed from where it was only after the broker confirmed
+//! the republished copy, so a replay killed half-way duplicates at most, never loses.
 
 use std::time::Duration;
 
@@ -10,9 +10,11 @@ use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicPublishOptions, BasicRejectOptions, ConfirmSelectOptions,
 };
 use lapin::types::{AMQPValue, ShortString};
-use lapin::{Confirmation, Connection, ConnectionProperties};
+use lapin::{Channel, Confirmation, Connection, ConnectionProperties};
 
-use crate::publish::amqp::{ATTEMPTS_HEADER, REASON_HEADER};
+use crate::publish::amqp::{ATTEMPTS_HEADER, REASON_HEADER, properties};
+use crate::publish::drain::envelope_of;
+use crate::publish::quarantine::Quarantine;
 use crate::publish::retry::{RETRIES_HEADER, original_routing_key};
 
 /// What a replay did.
@@ -54,22 +56,7 @@ pub async fn replay(
     dry_run: bool,
     mut print: impl FnMut(&ReplayLine),
 ) -> anyhow::Result<ReplayReport> {
-    let mut connected = None;
-    for url in urls {
-        let props = ConnectionProperties::default().with_connection_name("hookrelay-replay".into());
-        match tokio::time::timeout(Duration::from_secs(10), Connection::connect(url, props)).await {
-            Ok(Ok(conn)) => {
-                connected = Some(conn);
-                break;
-            }
-            Ok(Err(_)) | Err(_) => continue,
-        }
-    }
-    let Some(conn) = connected else {
-        bail!("cannot connect to the broker ({} URL(s) tried; none accepted within 10 s)", urls.len());
-    };
-    let ch = conn.create_channel().await?;
-    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let (conn, ch) = connect(urls).await?;
     let mut report = ReplayReport::default();
     // In a dry run, messages are held unacked until the end so each is listed once.
     let mut held = Vec::new();
@@ -135,6 +122,97 @@ pub async fn replay(
         bail!(
             "{} message(s) could not be replayed (the broker did not confirm); they stay in {queue}",
             report.failed
+        );
+    }
+    Ok(report)
+}
+
+/// A connection to the first of `urls` that accepts, and a confirm-mode channel.
+async fn connect(urls: &[&str]) -> anyhow::Result<(Connection, Channel)> {
+    let mut connected = None;
+    for url in urls {
+        let props = ConnectionProperties::default().with_connection_name("hookrelay-replay".into());
+        match tokio::time::timeout(Duration::from_secs(10), Connection::connect(url, props)).await {
+            Ok(Ok(conn)) => {
+                connected = Some(conn);
+                break;
+            }
+            Ok(Err(_)) | Err(_) => continue,
+        }
+    }
+    let Some(conn) = connected else {
+        bail!("cannot connect to the broker ({} URL(s) tried; none accepted within 10 s)", urls.len());
+    };
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    Ok((conn, ch))
+}
+
+/// Replays up to `limit` events of the spool quarantine in `spool_dir` to
+/// `exchange`, oldest first; `dry_run` only lists them. Each leaves the quarantine
+/// only once the broker confirmed it; the first one still refused stops the replay
+/// (it and those behind it stay). Works while the relay runs: the quarantine has its
+/// own lock, which the relay takes only for a moment per quarantined event.
+pub async fn replay_quarantine(
+    urls: &[&str],
+    exchange: &str,
+    spool_dir: &std::path::Path,
+    limit: Option<u64>,
+    dry_run: bool,
+    mut print: impl FnMut(&ReplayLine),
+) -> anyhow::Result<ReplayReport> {
+    let quarantine = Quarantine::new(spool_dir);
+    let mut report = ReplayReport::default();
+    if !quarantine.dir().exists() {
+        return Ok(report);
+    }
+    let (conn, ch) =
+        if dry_run { (None, None) } else { connect(urls).await.map(|(c, h)| (Some(c), Some(h)))? };
+    let held = quarantine.open(Duration::from_secs(10)).await.context("opening the spool quarantine")?;
+    let max = usize::try_from(limit.unwrap_or(u64::MAX)).unwrap_or(usize::MAX);
+    let batch = held.spool.peek_batch(max).await.context("reading the spool quarantine")?;
+    let mut last_done = None;
+    for (pos, record) in &batch {
+        print(&ReplayLine {
+            event_id: record.event_id.clone(),
+            routing_key: record.routing_key.clone(),
+            reason: "refused while draining the spool".into(),
+        });
+        let Some(ch) = &ch else {
+            report.moved += 1;
+            continue;
+        };
+        let env = envelope_of(record);
+        let options = BasicPublishOptions { mandatory: true, immediate: false };
+        let confirm = ch
+            .basic_publish(
+                exchange.into(),
+                env.routing_key.as_str().into(),
+                options,
+                &env.body,
+                properties(&env),
+            )
+            .await?
+            .await?;
+        if !matches!(confirm, Confirmation::Ack(None)) {
+            report.failed += 1;
+            break;
+        }
+        report.moved += 1;
+        last_done = Some(*pos);
+    }
+    if let Some(pos) = last_done {
+        held.spool.remove_through(pos).await.context("removing replayed events from the quarantine")?;
+    }
+    held.close().await;
+    if let Some(conn) = conn {
+        let _ = conn.close(200, "replay done".into()).await;
+    }
+    if report.failed > 0 {
+        bail!(
+            "an event is still refused by the broker; it and the {} behind it stay in {}",
+            batch.len() as u64 - report.moved - 1,
+            quarantine.dir().display()
         );
     }
     Ok(report)

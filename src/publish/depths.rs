@@ -33,23 +33,34 @@ pub async fn run(
     loop {
         if let Some(link) = amqp.link() {
             let conn = link.connection();
-            if let Some(q) = &unrouted
-                && let Some(n) = depth(conn, q).await
-            {
-                metrics.unrouted_depth(n);
-            }
-            if let Some(q) = &dead
-                && let Some(n) = depth(conn, q).await
-            {
-                metrics.dead_letter_depth(n);
-            }
-            for (source, q) in &parked {
-                if let Some(n) = depth(conn, q).await {
-                    metrics.parked_depth(source, n);
+            let read = async {
+                if let Some(q) = &unrouted
+                    && let Some(n) = depth(conn, q).await
+                {
+                    metrics.unrouted_depth(n);
                 }
+                if let Some(q) = &dead
+                    && let Some(n) = depth(conn, q).await
+                {
+                    metrics.dead_letter_depth(n);
+                }
+                for (source, q) in &parked {
+                    if let Some(n) = depth(conn, q).await {
+                        metrics.parked_depth(source, n);
+                    }
+                }
+            };
+            // A silent connection would hold the reads forever.
+            tokio::select! {
+                _ = read => {}
+                _ = link.retired() => {}
+                _ = shutdown.cancelled() => return,
             }
         } else {
-            let _ = amqp.wait_ready(Instant::now() + POLL_INTERVAL).await;
+            tokio::select! {
+                _ = amqp.wait_ready(Instant::now() + POLL_INTERVAL) => {}
+                _ = shutdown.cancelled() => return,
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(POLL_INTERVAL) => {}

@@ -28,6 +28,9 @@ const DRAIN_BACKOFF: Duration = Duration::from_millis(200);
 const ROUND_DEADLINE: Duration = Duration::from_secs(10);
 /// Deadline of the full-policy publish of a round's failed head.
 const HEAD_DEADLINE: Duration = Duration::from_secs(5);
+/// How often a non-empty quarantine is counted again (an operator may empty it
+/// with `hookrelay replay --spool-quarantine` while the relay runs).
+const QUARANTINE_RECOUNT: Duration = Duration::from_secs(30);
 /// Refused rounds (each with the full retry and dead-letter policy) before the head
 /// record is moved to the quarantine.
 pub const QUARANTINE_AFTER: u32 = 3;
@@ -35,17 +38,13 @@ pub const QUARANTINE_AFTER: u32 = 3;
 /// Publishes spooled events in spool order until `shutdown` is cancelled.
 pub async fn drain<B: Broker>(spool: Spool, amqp: B, metrics: Metrics, shutdown: CancellationToken) {
     let quarantine = Quarantine::new(spool.dir());
-    match quarantine.waiting().await {
-        Ok(0) => {}
-        Ok(waiting) => {
-            metrics.spool_quarantine_depth(waiting);
-            warn!(
-                waiting,
-                dir = %quarantine.dir().display(),
-                "Events wait in the spool quarantine; see `hookrelay replay --spool-quarantine`."
-            );
-        }
-        Err(error) => warn!(%error, "Cannot read the spool quarantine."),
+    let mut quarantined = recount(&quarantine, &metrics).await;
+    if quarantined > 0 {
+        warn!(
+            waiting = quarantined,
+            dir = %quarantine.dir().display(),
+            "Events wait in the spool quarantine; see `hookrelay replay --spool-quarantine`."
+        );
     }
     // Corrupt records found while reading count too (those found at open already did).
     let mut corrupt_seen = spool.stats().corrupt_records_skipped;
@@ -62,6 +61,10 @@ pub async fn drain<B: Broker>(spool: Spool, amqp: B, metrics: Metrics, shutdown:
     loop {
         tokio::select! {
             _ = spool.wait_nonempty() => {}
+            _ = sleep(QUARANTINE_RECOUNT), if quarantined > 0 => {
+                quarantined = recount(&quarantine, &metrics).await;
+                continue;
+            }
             _ = shutdown.cancelled() => return,
         }
         // Wait for a connection, checking for shutdown now and then.
@@ -91,7 +94,12 @@ pub async fn drain<B: Broker>(spool: Spool, amqp: B, metrics: Metrics, shutdown:
         }
         let envelopes: Vec<Envelope> = batch.iter().map(|(_, record)| envelope_of(record)).collect();
         let refs: Vec<&Envelope> = envelopes.iter().collect();
-        let mut done = amqp.publish_in_order(&refs, Instant::now() + ROUND_DEADLINE).await;
+        // A round may be cut short at shutdown: records leave the spool only after
+        // their confirms.
+        let mut done = tokio::select! {
+            done = amqp.publish_in_order(&refs, Instant::now() + ROUND_DEADLINE) => done,
+            _ = shutdown.cancelled() => return,
+        };
         if done > 0 {
             refusals = 0;
         }
@@ -101,7 +109,11 @@ pub async fn drain<B: Broker>(spool: Spool, amqp: B, metrics: Metrics, shutdown:
             let (pos, record) = &batch[done];
             let outgoing =
                 Outgoing { source: &record.source, event_label: "other", envelope: &envelopes[done] };
-            match amqp.publish_until(outgoing, Instant::now() + HEAD_DEADLINE).await {
+            let head = tokio::select! {
+                head = amqp.publish_until(outgoing, Instant::now() + HEAD_DEADLINE) => head,
+                _ = shutdown.cancelled() => return,
+            };
+            match head {
                 Ok(_) => {
                     done += 1;
                     refusals = 0;
@@ -113,6 +125,7 @@ pub async fn drain<B: Broker>(spool: Spool, amqp: B, metrics: Metrics, shutdown:
                         && set_aside(&spool, &quarantine, *pos, record, done, &metrics).await
                     {
                         refusals = 0;
+                        quarantined += 1;
                         continue;
                     }
                 }
@@ -160,6 +173,20 @@ async fn set_aside(
     removed(spool, pos, done as u64, metrics).await
 }
 
+/// Counts the events waiting in the quarantine into the gauge.
+async fn recount(quarantine: &Quarantine, metrics: &Metrics) -> u64 {
+    match quarantine.waiting().await {
+        Ok(waiting) => {
+            metrics.spool_quarantine_depth(waiting);
+            waiting
+        }
+        Err(error) => {
+            debug!(%error, "Cannot count the spool quarantine.");
+            1
+        }
+    }
+}
+
 /// Removes the records through `pos`, `drained` of which were published.
 async fn removed(spool: &Spool, pos: SpoolPosition, drained: u64, metrics: &Metrics) -> bool {
     match spool.remove_through(pos).await {
@@ -180,7 +207,7 @@ async fn removed(spool: &Spool, pos: SpoolPosition, drained: u64, metrics: &Metr
 /// The envelope of a spooled record. One that cannot be read back (written by us,
 /// so damaged) is still published as it is, so it lands where a person can look at
 /// it instead of blocking the spool.
-fn envelope_of(record: &SpoolRecord) -> Envelope {
+pub fn envelope_of(record: &SpoolRecord) -> Envelope {
     envelope::parse(record.envelope.clone(), record.routing_key.clone()).unwrap_or_else(|_| Envelope {
         id: record.event_id.clone(),
         source: String::new(),

@@ -8,7 +8,7 @@
 
 pub mod amqp;
 pub mod depths;
-mod drain;
+pub mod drain;
 pub mod durable;
 pub mod quarantine;
 pub mod retry;

@@ -111,7 +111,12 @@ pub async fn run(
             )
             .await
         };
-        let mut consumer = match consumer.await {
+        let consumer = tokio::select! {
+            c = consumer => c,
+            _ = link.retired() => continue,
+            _ = shutdown.cancelled() => return,
+        };
+        let mut consumer = match consumer {
             Ok(c) => c,
             Err(error) => {
                 debug!(%error, queue = %queue, "Cannot consume the rejected queue yet.");
@@ -125,6 +130,7 @@ pub async fn run(
         loop {
             let delivery = tokio::select! {
                 d = consumer.next() => d,
+                _ = link.retired() => break,
                 _ = shutdown.cancelled() => return,
             };
             match delivery {

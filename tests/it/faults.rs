@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use crate::proxy::{FaultProxy, Mode};
 use crate::support::*;
 
-async fn broker_addr() -> std::net::SocketAddr {
+pub(crate) async fn broker_addr() -> std::net::SocketAddr {
     "127.0.0.1:5672".parse().unwrap()
 }
 
@@ -34,7 +34,7 @@ async fn finish(relay: Relay, spool: PathBuf) {
 }
 
 /// Waits until the spool is empty and the broker connected.
-async fn drained(relay: &Relay, limit: Duration) {
+pub(crate) async fn drained(relay: &Relay, limit: Duration) {
     let admin = relay.admin;
     eventually("the spool to drain", limit, || async move {
         let (_, _, text) = get(admin, "/metrics").await;
@@ -48,7 +48,7 @@ async fn drained(relay: &Relay, limit: Duration) {
 
 /// Consumes the queue until every id in `want` was seen (or the limit passes);
 /// returns the ids in arrival order.
-async fn collect_ids(queue: &str, want: &[String], limit: Duration) -> Vec<String> {
+pub(crate) async fn collect_ids(queue: &str, want: &[String], limit: Duration) -> Vec<String> {
     let conn = broker().await;
     let ch = conn.create_channel().await.unwrap();
     let mut seen = Vec::new();

@@ -9,6 +9,7 @@ mod faults;
 mod process;
 mod providers;
 mod proxy;
+mod silent;
 
 mod abuse;
 mod hostile;

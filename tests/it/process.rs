@@ -51,6 +51,8 @@ async fn sigterm_exits_zero_and_a_second_relay_cannot_share_the_spool() {
     let config = RelayConfig::new().spool(&spool);
     let mut first = Child::spawn(&dir, "first", config.clone(), &[]);
     first.wait_for("/readyz").await;
+    // Ready already means "the spool accepts"; the close below needs a connection.
+    broker_connected(first.admin, true).await;
     let (status, _) = post_signed(first.ingest, 1).await;
     assert_eq!(status, 200);
 

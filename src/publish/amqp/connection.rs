@@ -68,6 +68,8 @@ pub struct Link {
     pool: ChannelPool,
     /// Cancelled when the relay condemns this connection.
     dead: CancellationToken,
+    /// Cancelled when the relay stops using this connection, whatever the cause.
+    retired: CancellationToken,
     /// When the broker last confirmed on this connection (ms on the state's clock);
     /// when it opened, until the first confirm.
     last_confirm_ms: AtomicU64,
@@ -87,6 +89,13 @@ impl Link {
     /// Resolves when the relay condemns this connection.
     pub(super) async fn condemned(&self) {
         self.dead.cancelled().await
+    }
+
+    /// Resolves when the relay stops using this connection (it died, was condemned,
+    /// or the relay shuts down): consumers on it should start over on the next one,
+    /// since a silent connection never tells them.
+    pub async fn retired(&self) {
+        self.retired.cancelled().await
     }
 }
 
@@ -231,6 +240,7 @@ async fn connect(inner: &Inner, url: &SecretString) -> Result<(Arc<Link>, Events
         conn,
         pool,
         dead: CancellationToken::new(),
+        retired: CancellationToken::new(),
         last_confirm_ms: AtomicU64::new(inner.state.now_ms()),
     };
     Ok((Arc::new(link), events))
@@ -269,6 +279,7 @@ pub(super) async fn supervise(inner: Arc<Inner>, shutdown: CancellationToken) {
                 );
                 let end = watch_link(&inner, &link, events, &shutdown).await;
                 state.link.send_replace(None);
+                link.retired.cancel();
                 inner.metrics.broker_connected(false);
                 state.set_blocked(&inner, false);
                 match end {

@@ -96,6 +96,8 @@ pub async fn full_queue(conn: &Connection, exchange: &str) -> String {
     ch.queue_bind(full.as_str().into(), exchange.into(), "patreon.#".into(), bind, FieldTable::default())
         .await
         .unwrap();
+    // Confirmed, so the queue is full before the caller publishes on another connection.
+    ch.confirm_select(Default::default()).await.unwrap();
     let filler = lapin::BasicProperties::default();
     ch.basic_publish("".into(), full.as_str().into(), BasicPublishOptions::default(), b"filler", filler)
         .await

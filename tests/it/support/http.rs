@@ -116,3 +116,16 @@ pub fn post_wire(path: &str, headers: &[String], body: &[u8]) -> Vec<u8> {
 pub fn status_of(answer: &[u8]) -> u16 {
     answer.get(9..12).and_then(|s| std::str::from_utf8(s).ok()?.parse().ok()).unwrap_or(0)
 }
+
+/// Waits until the relay at `admin` reports `hookrelay_broker_connected` as `up`
+/// (with a spool, `/readyz` is 200 before the first connection).
+pub async fn broker_connected(admin: SocketAddr, up: bool) {
+    let want = if up { 1.0 } else { 0.0 };
+    let what = if up { "the broker connection" } else { "the broker connection to drop" };
+    super::eventually(what, Duration::from_secs(15), || async move {
+        let (_, _, text) = get(admin, "/metrics").await;
+        (metric_value(&String::from_utf8_lossy(&text), "hookrelay_broker_connected", &[]) == Some(want))
+            .then_some(())
+    })
+    .await;
+}
