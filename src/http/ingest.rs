@@ -13,6 +13,7 @@
 //! the body; the body is never parsed before the signature checks out.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -22,7 +23,7 @@ use hyper::body::Incoming;
 use hyper::header::{ALLOW, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::time::Instant;
-use tracing::{Instrument, debug, field, info, info_span, warn};
+use tracing::{Instrument, debug, debug_span, field, info, warn};
 
 use super::pool::ConnectionSlot;
 use super::ratelimit::{RateLimiter, retry_after_secs};
@@ -103,16 +104,17 @@ impl<P: Publisher> Ingest<P> {
         let started = Instant::now();
         let _inflight = self.metrics.inflight();
         let source = self.source_for(req.uri().path());
-        let span = info_span!(
+        // At `debug` only: at the default `info` a disabled span costs nothing, while an
+        // enabled one is formatted (and re-formatted on every `record`) per request. The
+        // few events logged at `info` or above carry `source` and `peer` themselves.
+        let peer = req.extensions().get::<PeerAddr>().map(|p| p.0.ip());
+        let span = debug_span!(
             "webhook",
             source = source.map_or(UNKNOWN_SOURCE, |s| s.config.name.as_str()),
-            peer = field::Empty,
+            peer = peer.map(field::display),
             event = field::Empty,
             event_id = field::Empty,
         );
-        if let Some(PeerAddr(peer)) = req.extensions().get::<PeerAddr>() {
-            span.record("peer", field::display(peer.ip()));
-        }
         let response = self.route(req, source).instrument(span.clone()).await;
         let status = response.status().as_u16();
         self.metrics.request_finished(status, started.elapsed());
@@ -183,7 +185,8 @@ impl<P: Publisher> Ingest<P> {
         for single in verifier.unique_headers() {
             if req.headers().get_all(single).iter().nth(1).is_some() {
                 debug!(header = %single, "Header repeated.");
-                return closing(self.refuse(name, verifier.repeated(single)));
+                let peer = req.extensions().get::<PeerAddr>().map(|p| p.0.ip());
+                return closing(self.refuse(name, peer, verifier.repeated(single)));
             }
         }
         let (parts, body) = req.into_parts();
@@ -219,13 +222,16 @@ impl<P: Publisher> Ingest<P> {
         let now = SystemTime::now();
         let verified = match verifier.verify(&parts.headers, &body, now) {
             Ok(v) => v,
-            Err(e) => return self.refuse(name, e),
+            Err(e) => {
+                let peer = parts.extensions.get::<PeerAddr>().map(|p| p.0.ip());
+                return self.refuse(name, peer, e);
+            }
         };
         let span = tracing::Span::current();
         span.record("event", verified.event());
         if let Some(reply) = verified.reply() {
             // A handshake (Slack's URL verification): answered, nothing published.
-            info!("Handshake answered.");
+            info!(source = name, "Handshake answered.");
             return json_response(StatusCode::OK, reply.to_vec());
         }
 
@@ -254,7 +260,12 @@ impl<P: Publisher> Ingest<P> {
                     // the first, the counter counts them all.
                     debug!(reason = e.label(), "Event refused by the broker; asking the sender to retry.");
                 } else {
-                    warn!(reason = e.label(), "Event not durable; asking the sender to retry.");
+                    warn!(
+                        source = name,
+                        event_id = %envelope.id,
+                        reason = e.label(),
+                        "Event not durable; asking the sender to retry."
+                    );
                 }
                 self.unavailable(e)
             }
@@ -262,11 +273,16 @@ impl<P: Publisher> Ingest<P> {
     }
 
     /// Counts and answers a delivery the source's verifier refused.
-    fn refuse(&self, name: &str, e: VerifyError) -> HttpResponse {
+    fn refuse(&self, name: &str, peer: Option<IpAddr>, e: VerifyError) -> HttpResponse {
         match e {
             VerifyError::Signature(reason) => {
                 self.metrics.signature_failed(name, reason);
-                info!(reason = reason.as_str(), "Signature refused.");
+                info!(
+                    source = name,
+                    peer = peer.map(field::display),
+                    reason = reason.as_str(),
+                    "Signature refused."
+                );
                 error(StatusCode::UNAUTHORIZED, "invalid signature")
             }
             VerifyError::Event(e) => {

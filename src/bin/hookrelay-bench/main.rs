@@ -113,6 +113,13 @@ struct Args {
     /// Keep the temp dir (relay configs and logs) and print its path.
     #[arg(long)]
     keep_temp: bool,
+    /// A second relay measured beside the first in every round ("relay B"), for A/B
+    /// comparisons of two builds in one run: its binary…
+    #[arg(long)]
+    b_bin: Option<PathBuf>,
+    /// …and/or its `amqp.channels` (default: `--channels`).
+    #[arg(long)]
+    b_channels: Option<usize>,
     /// Internal: run as the bare relay (the bench starts it).
     #[arg(long, hide = true)]
     serve_bare: bool,
@@ -138,6 +145,8 @@ enum Kind {
     Bare,
     /// hookrelay.
     Relay,
+    /// The second relay (`--b-bin`, `--b-channels`).
+    RelayB,
 }
 
 impl Kind {
@@ -149,6 +158,7 @@ impl Kind {
             }
             Kind::Bare => format!("bare  C={level}"),
             Kind::Relay => format!("relay C={level}"),
+            Kind::RelayB => format!("relayB C={level}"),
         }
     }
 
@@ -240,6 +250,15 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         dir: temp.clone(),
     };
     let raw_setup = RelaySetup { exchange: format!("{run_id}-raw"), ..setup.clone() };
+    let setup_b = (args.b_bin.is_some() || args.b_channels.is_some()).then(|| RelaySetup {
+        bin: args.b_bin.clone().unwrap_or_else(|| setup.bin.clone()),
+        channels: args.b_channels.unwrap_or(args.channels),
+        dir: temp.join("b"),
+        ..setup.clone()
+    });
+    if let Some(b) = &setup_b {
+        std::fs::create_dir_all(&b.dir).with_context(|| format!("creating {}", b.dir.display()))?;
+    }
     let relay_topology = setup.topology()?;
     let raw_topology = raw_setup.topology()?;
     let admin = broker::connect(&args.amqp_url, "hookrelay-bench").await?;
@@ -248,8 +267,8 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     print_header(&args, &setup, &work);
     let mut results = Results::default();
     let mut startup_topologies = Vec::new();
-    let outcome =
-        measure_all(&args, &admin, &setup, &raw_setup, &work, &mut results, &mut startup_topologies).await;
+    let setups = Setups { relay: &setup, b: setup_b.as_ref(), raw: &raw_setup };
+    let outcome = measure_all(&args, &admin, setups, &work, &mut results, &mut startup_topologies).await;
 
     // Clean up whatever happened above.
     let mut problems = broker::delete_topology(&admin, &raw_topology).await;
@@ -293,16 +312,24 @@ fn validate(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How each side is configured.
+#[derive(Clone, Copy)]
+struct Setups<'a> {
+    relay: &'a RelaySetup,
+    b: Option<&'a RelaySetup>,
+    raw: &'a RelaySetup,
+}
+
 /// Rounds × levels × kinds, raw and relay alternating, the order flipped every round.
 async fn measure_all(
     args: &Args,
     admin: &Connection,
-    setup: &RelaySetup,
-    raw_setup: &RelaySetup,
+    setups: Setups<'_>,
     work: &Arc<Workload>,
     results: &mut Results,
     startup_topologies: &mut Vec<hookrelay::publish::topology::Topology>,
 ) -> anyhow::Result<()> {
+    let Setups { relay: setup, b: setup_b, raw: raw_setup } = setups;
     let broker_pid = broker_port(&args.amqp_url).and_then(procfs::listener_pid);
     let me = std::process::id();
     let window_len = Duration::from_secs_f64(args.duration_secs);
@@ -318,6 +345,10 @@ async fn measure_all(
         results.replays.push(broker::replay_connect(&args.amqp_url, &fresh_topology, args.channels).await?);
 
         let (relay, startup) = relay::start(setup, round).await?;
+        let relay_b = match setup_b {
+            Some(b) => Some(relay::start(b, round).await?.0),
+            None => None,
+        };
         let bare = if args.only.contains(&Side::Bare) {
             let me = std::env::current_exe().context("locating this binary")?;
             Some(bare::start(&me, &args.amqp_url, &raw_setup.exchange).await?)
@@ -376,7 +407,10 @@ async fn measure_all(
                             count_and_purge(admin, &raw_queue, &mut sample).await?;
                             sample
                         }
-                        Kind::Relay => {
+                        Kind::Relay | Kind::RelayB => {
+                            let relay =
+                                if kind == Kind::Relay { &relay } else { relay_b.as_ref().unwrap_or(&relay) };
+                            let watched = Watched { relay: Some(relay.pid), ..watched };
                             let reset = procfs::reset_peak_rss(relay.pid);
                             let run = load::run(
                                 relay.ingest,
@@ -403,6 +437,9 @@ async fn measure_all(
         if let Some(bare) = bare {
             bare.stop().await;
         }
+        if let Some(b) = relay_b {
+            let _ = b.stop().await;
+        }
         let stopped = relay.stop().await;
         measured?;
         results.stops.push(stopped?);
@@ -426,6 +463,9 @@ fn plan(args: &Args, level: usize, round: usize) -> Vec<Kind> {
     }
     if args.only.contains(&Side::Relay) {
         kinds.push(Kind::Relay);
+        if args.b_bin.is_some() || args.b_channels.is_some() {
+            kinds.push(Kind::RelayB);
+        }
     }
     if round % 2 == 1 {
         kinds.reverse();

@@ -206,8 +206,14 @@ fn comparisons(args: &Args, r: &Results) {
     for (&level, rounds) in &r.rounds {
         let kinds: Vec<Kind> = rounds.iter().flat_map(|m| m.keys().copied()).collect();
         let has = |k: Kind| kinds.contains(&k);
-        if has(Kind::Relay) && has(Kind::Bare) {
-            let (a, b) = (Kind::Relay, Kind::Bare);
+        for (a, b, what) in [
+            (Kind::Relay, Kind::Bare, "relay vs bare"),
+            (Kind::RelayB, Kind::Bare, "relayB vs bare"),
+            (Kind::RelayB, Kind::Relay, "relayB vs relay"),
+        ] {
+            if !(has(a) && has(b)) {
+                continue;
+            }
             let cpu = |get: fn(&Sample) -> Option<f64>| {
                 (
                     same_round(r, level, a, b, |x, y| Some(get(x)? - get(y)?)),
@@ -218,9 +224,9 @@ fn comparisons(args: &Args, r: &Results) {
             let (_, broker_ratio) = cpu(|s| s.broker_cpu_us);
             let eps = same_round(r, level, a, b, |x, y| ratio(x.events_per_sec, y.events_per_sec));
             println!(
-                "  C={level:<4} relay vs bare: events/s {} ×, relay CPU +{} µs, broker CPU {} ×",
+                "  C={level:<4} {what}: events/s {} ×, relay CPU {} µs, broker CPU {} ×",
                 opt(eps, 2),
-                opt(relay_extra, 1),
+                relay_extra.map_or("-".into(), |x| format!("{x:+.1}")),
                 opt(broker_ratio, 2),
             );
         }
