@@ -4,10 +4,12 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::SystemTime;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use hookrelay::config::{self, CONFIG_FILE_ENV};
+use hookrelay::verify::{self, KindOptions, SignInput};
 
 #[derive(Parser)]
 #[command(name = "hookrelay", version, about = "Verified webhooks in, CloudEvents on RabbitMQ out.")]
@@ -53,15 +55,45 @@ enum Command {
         #[arg(long, default_value = "http://127.0.0.1:9090/healthz")]
         url: String,
     },
-    /// Print the headers a Patreon delivery of the body on stdin would carry.
-    Sign {
-        /// File holding the webhook secret.
-        #[arg(long)]
-        secret_file: PathBuf,
-        /// Trigger to put in X-Patreon-Event.
-        #[arg(long, default_value = "members:pledge:create")]
-        event: String,
-    },
+    /// Print the headers a delivery of the body on stdin would carry, for any kind.
+    Sign(Box<SignArgs>),
+}
+
+#[derive(clap::Args)]
+struct SignArgs {
+    /// Provider kind, as in `sources.<name>.kind`.
+    #[arg(long, default_value = "patreon")]
+    kind: String,
+    /// File holding the secret, as configured (trailing newline ignored).
+    #[arg(long)]
+    secret_file: PathBuf,
+    /// Event name, for kinds that send it in a header (default: one per kind).
+    #[arg(long)]
+    event: Option<String>,
+    /// Signed timestamp in Unix seconds, for kinds that sign one (default: now).
+    #[arg(long)]
+    timestamp: Option<u64>,
+    /// Delivery id, for kinds that send one (default: a random UUID).
+    #[arg(long)]
+    id: Option<String>,
+    /// `hmac` kind: the source's `signature_header`.
+    #[arg(long)]
+    signature_header: Option<String>,
+    /// `hmac` kind: the source's `algorithm`.
+    #[arg(long)]
+    algorithm: Option<String>,
+    /// `hmac` kind: the source's `encoding`.
+    #[arg(long)]
+    encoding: Option<String>,
+    /// `hmac` kind: the source's `signature_prefix`.
+    #[arg(long)]
+    signature_prefix: Option<String>,
+    /// `hmac` kind: the source's `event_header`.
+    #[arg(long)]
+    event_header: Option<String>,
+    /// `hmac` kind: the source's `id_header`.
+    #[arg(long)]
+    id_header: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -147,14 +179,33 @@ fn real_main() -> anyhow::Result<ExitCode> {
         Command::Healthcheck { url } => {
             Ok(if healthcheck(&url) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
-        Command::Sign { secret_file, event } => {
-            let secret = std::fs::read_to_string(&secret_file)
-                .with_context(|| format!("cannot read {}", secret_file.display()))?;
-            let secret = secret.trim_end_matches(['\n', '\r']);
+        Command::Sign(args) => {
+            let secret = std::fs::read_to_string(&args.secret_file)
+                .with_context(|| format!("cannot read {}", args.secret_file.display()))?;
             let mut body = Vec::new();
             std::io::stdin().read_to_end(&mut body).context("reading the body from stdin")?;
-            println!("X-Patreon-Event: {event}");
-            println!("X-Patreon-Signature: {}", hookrelay::verify::patreon::sign(secret.as_bytes(), &body));
+            let options = KindOptions {
+                signature_header: args.signature_header,
+                algorithm: args.algorithm,
+                encoding: args.encoding,
+                signature_prefix: args.signature_prefix,
+                event_header: args.event_header,
+                id_header: args.id_header,
+            };
+            let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            let id =
+                args.id.unwrap_or_else(|| uuid::Uuid::new_v8(fastrand::u128(..).to_le_bytes()).to_string());
+            let input = SignInput {
+                secret: secret.trim_end_matches(['\n', '\r']).as_bytes(),
+                body: &body,
+                event: args.event.as_deref(),
+                id: &id,
+                timestamp: args.timestamp.unwrap_or(now),
+                options: &options,
+            };
+            for (name, value) in verify::sign(&args.kind, &input).map_err(anyhow::Error::msg)? {
+                println!("{name}: {value}");
+            }
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -11,8 +11,8 @@ use std::time::SystemTime;
 use super::event::{self, EventError, EventSource};
 use super::keys::{Sha256Keys, hex_digest, mac};
 use super::{
-    Data, HeaderMap, HeaderName, Kind, Provider, ProviderSettings, SettingError, SignatureError, Verified,
-    VerifyError, data_for, header, json,
+    Data, HeaderLines, HeaderMap, HeaderName, Kind, Provider, ProviderSettings, SettingError, SignInput,
+    SignatureError, Verified, VerifyError, data_for, header, json,
 };
 
 /// Header carrying `sha256=<hex>`.
@@ -26,7 +26,8 @@ const PREFIX: &[u8] = b"sha256=";
 const EVENT_SOURCE: EventSource = EventSource::Header("X-GitHub-Event");
 
 /// The `github` kind.
-pub const KIND: Kind = Kind { name: "github", default_type_prefix: Some("com.github"), build };
+pub const KIND: Kind =
+    Kind { name: "github", default_type_prefix: Some("com.github"), build, sign: sign_headers };
 
 /// GitHub's commonly subscribed events (the `event` label is the `X-GitHub-Event`
 /// value when listed here, without the action, else `other`).
@@ -156,6 +157,15 @@ pub fn sign(secret: &[u8], body: &[u8]) -> String {
     format!("sha256={}", hex::encode(mac::<hmac::Hmac<sha2::Sha256>>(secret, &[body])))
 }
 
+fn sign_headers(input: &SignInput<'_>) -> Result<HeaderLines, SettingError> {
+    input.options.refuse_all(KIND.name)?;
+    Ok(vec![
+        ("X-GitHub-Event".into(), input.event.unwrap_or("ping").into()),
+        ("X-GitHub-Delivery".into(), input.id.into()),
+        ("X-Hub-Signature-256".into(), sign(input.secret, input.body)),
+    ])
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
@@ -226,7 +236,7 @@ mod tests {
     }
 
     #[test]
-    fn refusals() {
+    fn wrong_missing_and_malformed_are_told_apart() {
         let p = build(&KIND, &["old", "new"]);
         let body = b"{}";
         let good = sign(b"new", body);

@@ -19,12 +19,12 @@ use sha2::{Sha256, Sha512};
 use super::event::{self, EventError, EventSource};
 use super::keys::{Keys, base64, mac};
 use super::{
-    Data, HeaderMap, HeaderName, Kind, Provider, ProviderSettings, SettingError, SignatureError, Verified,
-    VerifyError, data_for, header, json,
+    Data, HeaderLines, HeaderMap, HeaderName, Kind, Provider, ProviderSettings, SettingError, SignInput,
+    SignatureError, Verified, VerifyError, data_for, header, json,
 };
 
 /// The `hmac` kind.
-pub const KIND: Kind = Kind { name: "hmac", default_type_prefix: None, build };
+pub const KIND: Kind = Kind { name: "hmac", default_type_prefix: None, build, sign: sign_headers };
 
 /// The event name when no `event_header` is configured.
 pub const DEFAULT_EVENT: &str = "webhook";
@@ -122,8 +122,8 @@ fn header_name(key: &'static str, value: &str) -> Result<HeaderName, SettingErro
         .map_err(|_| SettingError { key, problem: format!("`{value}` is not a header name") })
 }
 
-fn build(settings: &ProviderSettings<'_>) -> Result<Box<dyn Provider>, SettingError> {
-    let o = settings.options;
+/// The signature header, algorithm and encoding the options name (with defaults).
+fn parse_options(o: &super::KindOptions) -> Result<(&str, Algorithm, Encoding), SettingError> {
     let signature = o.signature_header.as_deref().ok_or_else(|| SettingError {
         key: "signature_header",
         problem: "kind \"hmac\" needs the header that carries the signature".into(),
@@ -140,6 +140,12 @@ fn build(settings: &ProviderSettings<'_>) -> Result<Box<dyn Provider>, SettingEr
         Some(e) => Encoding::parse(e)
             .ok_or_else(|| SettingError { key: "encoding", problem: "use hex or base64".into() })?,
     };
+    Ok((signature, algorithm, encoding))
+}
+
+fn build(settings: &ProviderSettings<'_>) -> Result<Box<dyn Provider>, SettingError> {
+    let o = settings.options;
+    let (signature, algorithm, encoding) = parse_options(o)?;
     let mut unique = vec![header_name("signature_header", signature)?];
     let event = o.event_header.as_deref().map(|h| header_name("event_header", h)).transpose()?;
     let id = o.id_header.as_deref().map(|h| header_name("id_header", h)).transpose()?;
@@ -267,6 +273,21 @@ pub fn sign(secret: &[u8], algorithm: Algorithm, encoding: Encoding, prefix: &st
         Encoding::Base64 => base64(&digest),
     };
     format!("{prefix}{text}")
+}
+
+fn sign_headers(input: &SignInput<'_>) -> Result<HeaderLines, SettingError> {
+    let o = input.options;
+    let (signature, algorithm, encoding) = parse_options(o)?;
+    let prefix = o.signature_prefix.as_deref().unwrap_or("");
+    let mut out = Vec::with_capacity(3);
+    if let Some(h) = &o.event_header {
+        out.push((h.clone(), input.event.unwrap_or(DEFAULT_EVENT).to_owned()));
+    }
+    if let Some(h) = &o.id_header {
+        out.push((h.clone(), input.id.to_owned()));
+    }
+    out.push((signature.to_owned(), sign(input.secret, algorithm, encoding, prefix, input.body)));
+    Ok(out)
 }
 
 #[cfg(test)]

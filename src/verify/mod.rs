@@ -282,6 +282,26 @@ pub struct SettingError {
     pub problem: String,
 }
 
+/// Header names and values, in the order a sender writes them.
+pub type HeaderLines = Vec<(String, String)>;
+
+/// What `hookrelay sign` signs: a body as a sender of this kind would deliver it.
+#[derive(Debug)]
+pub struct SignInput<'a> {
+    /// The secret as configured (e.g. `whsec_…` for Stripe and Standard Webhooks).
+    pub secret: &'a [u8],
+    /// The exact body.
+    pub body: &'a [u8],
+    /// The event name, for kinds that carry it in a header (default per kind).
+    pub event: Option<&'a str>,
+    /// The delivery id, for kinds that send one.
+    pub id: &'a str,
+    /// The signed timestamp (Unix seconds), for kinds that sign one.
+    pub timestamp: u64,
+    /// The `hmac` kind's options (the others take none).
+    pub options: &'a KindOptions,
+}
+
 /// One registered provider kind.
 pub struct Kind {
     /// The value of `sources.<name>.kind`.
@@ -290,6 +310,8 @@ pub struct Kind {
     pub default_type_prefix: Option<&'static str>,
     /// Builds the source's verifier.
     pub build: fn(&ProviderSettings<'_>) -> Result<Box<dyn Provider>, SettingError>,
+    /// The headers (name, value) a delivery carries: what `hookrelay sign` prints.
+    pub sign: fn(&SignInput<'_>) -> Result<HeaderLines, SettingError>,
 }
 
 impl std::fmt::Debug for Kind {
@@ -312,6 +334,15 @@ pub const KINDS: &[Kind] = &[
 /// The kind registered under `name`.
 pub fn kind(name: &str) -> Option<&'static Kind> {
     KINDS.iter().find(|k| k.name == name)
+}
+
+/// The headers a delivery of `input` by a sender of kind `name` carries (what
+/// `hookrelay sign` prints), or why it cannot be made.
+pub fn sign(name: &str, input: &SignInput<'_>) -> Result<HeaderLines, String> {
+    let kinds: Vec<&str> = kind_names().collect();
+    let kind =
+        kind(name).ok_or_else(|| format!("unknown kind `{name}`; use one of: {}", kinds.join(", ")))?;
+    (kind.sign)(input).map_err(|e| e.to_string())
 }
 
 /// The names of every kind, for error messages and documentation.
@@ -451,6 +482,47 @@ mod tests {
         }
         assert!(kind("Patreon").is_none());
         assert!(kind("").is_none());
+    }
+
+    /// What `hookrelay sign` prints for a kind is what its verifier accepts.
+    #[test]
+    fn every_kind_verifies_what_it_signs() {
+        let hmac = KindOptions {
+            signature_header: Some("X-Sig".into()),
+            algorithm: Some("sha1".into()),
+            encoding: Some("base64".into()),
+            signature_prefix: Some("sha1=".into()),
+            event_header: Some("X-Event".into()),
+            id_header: Some("X-Id".into()),
+        };
+        let none = KindOptions::default();
+        let body = br#"{"type":"thing.done","id":"evt_1","event_id":"Ev1"}"#;
+        for kind in KINDS {
+            let secret = if kind.name == "standard-webhooks" { "whsec_c2VjcmV0" } else { "secret" };
+            let options = if kind.name == "hmac" { &hmac } else { &none };
+            let input = SignInput {
+                secret: secret.as_bytes(),
+                body,
+                event: None,
+                id: "d-1",
+                timestamp: 1000,
+                options,
+            };
+            let lines = sign(kind.name, &input).unwrap();
+            let pairs: Vec<(&str, &str)> = lines.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let headers = testing::headers(&pairs);
+            let p = testing::build_with(kind, &[secret], Some(Duration::from_secs(300)), options);
+            let verified = p.verify(&headers, body, testing::at(1000));
+            assert!(verified.is_ok(), "{}: {:?}", kind.name, verified.err());
+        }
+        assert!(
+            sign(
+                "nope",
+                &SignInput { secret: b"s", body, event: None, id: "", timestamp: 0, options: &none }
+            )
+            .unwrap_err()
+            .contains("unknown kind")
+        );
     }
 
     #[test]

@@ -13,8 +13,8 @@ use md5::Md5;
 use super::event::{EventError, EventSource};
 use super::keys::{Keys, hex_digest, mac};
 use super::{
-    HeaderMap, HeaderName, Kind, Provider, ProviderSettings, SettingError, SignatureError, Trigger,
-    TriggerError, Verified, VerifyError, header, json,
+    HeaderLines, HeaderMap, HeaderName, Kind, Provider, ProviderSettings, SettingError, SignInput,
+    SignatureError, Trigger, TriggerError, Verified, VerifyError, header, json,
 };
 
 /// Header carrying the hex HMAC-MD5 digest.
@@ -26,7 +26,8 @@ const DIGEST_BYTES: usize = 16;
 const EVENT_SOURCE: EventSource = EventSource::Header("X-Patreon-Event");
 
 /// The `patreon` kind.
-pub const KIND: Kind = Kind { name: "patreon", default_type_prefix: Some("com.patreon"), build };
+pub const KIND: Kind =
+    Kind { name: "patreon", default_type_prefix: Some("com.patreon"), build, sign: sign_headers };
 
 fn build(settings: &ProviderSettings<'_>) -> Result<Box<dyn Provider>, SettingError> {
     settings.options.refuse_all(KIND.name)?;
@@ -137,6 +138,14 @@ pub fn sign(secret: &[u8], body: &[u8]) -> String {
     hex::encode(mac::<Hmac<Md5>>(secret, &[body]))
 }
 
+fn sign_headers(input: &SignInput<'_>) -> Result<HeaderLines, SettingError> {
+    input.options.refuse_all(KIND.name)?;
+    Ok(vec![
+        ("X-Patreon-Event".into(), input.event.unwrap_or("members:pledge:create").into()),
+        ("X-Patreon-Signature".into(), sign(input.secret, input.body)),
+    ])
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
@@ -176,7 +185,7 @@ mod tests {
     }
 
     #[test]
-    fn header_shapes() {
+    fn signatures_are_32_hex_digits_in_either_case() {
         let v = verifier(&["k"]);
         let good = sign(b"k", b"{}");
         assert_eq!(v.check_signature(None, b"{}"), Err(SignatureError::Missing));

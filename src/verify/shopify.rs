@@ -8,8 +8,8 @@ use std::time::SystemTime;
 use super::event::{self, EventError, EventSource};
 use super::keys::{Sha256Keys, base64, base64_digest, mac};
 use super::{
-    HeaderMap, HeaderName, Kind, Provider, ProviderSettings, SettingError, SignatureError, Verified,
-    VerifyError, header, json,
+    HeaderLines, HeaderMap, HeaderName, Kind, Provider, ProviderSettings, SettingError, SignInput,
+    SignatureError, Verified, VerifyError, header, json,
 };
 
 /// Header carrying the base64 digest.
@@ -24,7 +24,8 @@ pub const WEBHOOK_ID_HEADER: &str = "x-shopify-webhook-id";
 const EVENT_SOURCE: EventSource = EventSource::Header("X-Shopify-Topic");
 
 /// The `shopify` kind.
-pub const KIND: Kind = Kind { name: "shopify", default_type_prefix: Some("com.shopify"), build };
+pub const KIND: Kind =
+    Kind { name: "shopify", default_type_prefix: Some("com.shopify"), build, sign: sign_headers };
 
 /// Topics counted by name (the `event` label, as Shopify writes them); others count
 /// as `other`.
@@ -124,6 +125,15 @@ pub fn sign(secret: &[u8], body: &[u8]) -> String {
     base64(&mac::<hmac::Hmac<sha2::Sha256>>(secret, &[body]))
 }
 
+fn sign_headers(input: &SignInput<'_>) -> Result<HeaderLines, SettingError> {
+    input.options.refuse_all(KIND.name)?;
+    Ok(vec![
+        ("X-Shopify-Topic".into(), input.event.unwrap_or("orders/create").into()),
+        ("X-Shopify-Event-Id".into(), input.id.into()),
+        ("X-Shopify-Hmac-Sha256".into(), sign(input.secret, input.body)),
+    ])
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
@@ -148,7 +158,7 @@ mod tests {
     }
 
     #[test]
-    fn refusals() {
+    fn wrong_missing_and_malformed_are_told_apart() {
         let p = build(&KIND, &["k"]);
         let body = b"{}";
         let good = sign(b"k", body);

@@ -14,8 +14,8 @@ use std::time::{Duration, SystemTime};
 use super::event::{self, EventSource};
 use super::keys::{Sha256Keys, hex_digest, mac};
 use super::{
-    Data, HeaderMap, HeaderName, Kind, Provider, ProviderSettings, SettingError, SignatureError, Verified,
-    VerifyError, check_timestamp, data_for, header, json,
+    Data, HeaderLines, HeaderMap, HeaderName, Kind, Provider, ProviderSettings, SettingError, SignInput,
+    SignatureError, Verified, VerifyError, check_timestamp, data_for, header, json,
 };
 
 /// Header carrying `v0=<hex>`.
@@ -27,7 +27,8 @@ const PREFIX: &[u8] = b"v0=";
 const URL_VERIFICATION: &str = "url_verification";
 
 /// The `slack` kind.
-pub const KIND: Kind = Kind { name: "slack", default_type_prefix: Some("com.slack"), build };
+pub const KIND: Kind =
+    Kind { name: "slack", default_type_prefix: Some("com.slack"), build, sign: sign_headers };
 
 /// Event names counted by name (the `event` label); others count as `other`.
 pub const KNOWN_EVENTS: &[&str] = &[
@@ -149,6 +150,14 @@ pub fn sign(secret: &[u8], timestamp: u64, body: &[u8]) -> String {
         "v0={}",
         hex::encode(mac::<hmac::Hmac<sha2::Sha256>>(secret, &[b"v0:", t.as_bytes(), b":", body]))
     )
+}
+
+fn sign_headers(input: &SignInput<'_>) -> Result<HeaderLines, SettingError> {
+    input.options.refuse_all(KIND.name)?;
+    Ok(vec![
+        ("X-Slack-Request-Timestamp".into(), input.timestamp.to_string()),
+        ("X-Slack-Signature".into(), sign(input.secret, input.timestamp, input.body)),
+    ])
 }
 
 #[cfg(test)]

@@ -11,15 +11,16 @@ use hmac::Hmac;
 use super::event::{self, EventSource};
 use super::keys::{Sha256Keys, base64, base64_digest, mac};
 use super::{
-    HeaderMap, HeaderName, Kind, Provider, ProviderSettings, SettingError, SignatureError, Verified,
-    VerifyError, check_timestamp, header, json,
+    HeaderLines, HeaderMap, HeaderName, Kind, Provider, ProviderSettings, SettingError, SignInput,
+    SignatureError, Verified, VerifyError, check_timestamp, header, json,
 };
 
 /// Most `v1` entries looked at in one header.
 const MAX_V1: usize = 8;
 
 /// The `standard-webhooks` kind.
-pub const KIND: Kind = Kind { name: "standard-webhooks", default_type_prefix: None, build };
+pub const KIND: Kind =
+    Kind { name: "standard-webhooks", default_type_prefix: None, build, sign: sign_headers };
 
 /// The header names, Standard Webhooks' first, then Svix's.
 const NAMES: [&str; 6] =
@@ -114,6 +115,20 @@ pub fn sign(secret: &[u8], id: &str, timestamp: u64, body: &[u8]) -> Option<Stri
     let t = timestamp.to_string();
     let digest = mac::<Hmac<sha2::Sha256>>(&key, &[id.as_bytes(), b".", t.as_bytes(), b".", body]);
     Some(format!("v1,{}", base64(&digest)))
+}
+
+fn sign_headers(input: &SignInput<'_>) -> Result<HeaderLines, SettingError> {
+    input.options.refuse_all(KIND.name)?;
+    let signature =
+        sign(input.secret, input.id, input.timestamp, input.body).ok_or_else(|| SettingError {
+            key: "secrets",
+            problem: "a standard-webhooks secret is `whsec_` followed by base64".into(),
+        })?;
+    Ok(vec![
+        ("webhook-id".into(), input.id.into()),
+        ("webhook-timestamp".into(), input.timestamp.to_string()),
+        ("webhook-signature".into(), signature),
+    ])
 }
 
 #[cfg(test)]

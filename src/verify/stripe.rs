@@ -12,8 +12,8 @@ use std::time::{Duration, SystemTime};
 use super::event::{self, EventSource};
 use super::keys::{Sha256Keys, hex_digest, mac};
 use super::{
-    HeaderMap, HeaderName, Kind, Provider, ProviderSettings, SettingError, SignatureError, Verified,
-    VerifyError, check_timestamp, header, json,
+    HeaderLines, HeaderMap, HeaderName, Kind, Provider, ProviderSettings, SettingError, SignInput,
+    SignatureError, Verified, VerifyError, check_timestamp, header, json,
 };
 
 /// Header carrying `t=…,v1=…`.
@@ -23,7 +23,8 @@ pub const SIGNATURE_HEADER: &str = "stripe-signature";
 const MAX_V1: usize = 8;
 
 /// The `stripe` kind.
-pub const KIND: Kind = Kind { name: "stripe", default_type_prefix: Some("com.stripe"), build };
+pub const KIND: Kind =
+    Kind { name: "stripe", default_type_prefix: Some("com.stripe"), build, sign: sign_headers };
 
 /// Stripe event types counted by name (the `event` label); others count as `other`.
 pub const KNOWN_EVENTS: &[&str] = &[
@@ -175,6 +176,11 @@ pub fn sign(secret: &[u8], timestamp: u64, body: &[u8]) -> String {
     format!("t={t},v1={}", hex::encode(digest))
 }
 
+fn sign_headers(input: &SignInput<'_>) -> Result<HeaderLines, SettingError> {
+    input.options.refuse_all(KIND.name)?;
+    Ok(vec![("Stripe-Signature".into(), sign(input.secret, input.timestamp, input.body))])
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
@@ -219,7 +225,7 @@ mod tests {
     }
 
     #[test]
-    fn header_shapes() {
+    fn a_header_needs_one_t_and_a_v1_of_64_hex_digits() {
         let p = build(&KIND, &["whsec_k"]);
         let body = br#"{"id":"evt_1","type":"invoice.paid"}"#;
         let good = sign(b"whsec_k", 1000, body);
