@@ -107,16 +107,14 @@ async fn scenario(cluster: &Cluster, fault: Fault) -> Row {
     a.await_drained(Duration::from_secs(120)).await;
     b.await_drained(Duration::from_secs(120)).await;
     let mut spooled = 0.0;
-    for (name, r) in [("A", &a), ("B", &b)] {
-        let n = r.metric("hookrelay_spooled_total", &[("source", "patreon")]).await.unwrap_or(0.0);
-        let retried =
-            r.metric("hookrelay_publish_retries_total", &[("source", "patreon"), ("reason", "nack")]).await;
-        let timeouts = r
-            .metric("hookrelay_publish_failures_total", &[("source", "patreon"), ("reason", "timeout")])
-            .await;
-        println!("relay {name}: timeouts {timeouts:?}");
-        println!("relay {name}: spooled {n}, retries after nack {retried:?}");
-        spooled += n;
+    let (mut nack_retries, mut channels_replaced, mut reconnects) = (0.0, 0, 0);
+    for r in [&a, &b] {
+        spooled += r.metric("hookrelay_spooled_total", &[("source", "patreon")]).await.unwrap_or(0.0);
+        let nack = [("source", "patreon"), ("reason", "nack")];
+        nack_retries += r.metric("hookrelay_publish_retries_total", &nack).await.unwrap_or(0.0);
+        let log = r.child.output();
+        channels_replaced += log.matches("replaced it with a fresh one").count();
+        reconnects += log.matches("Connected to the broker.").count().saturating_sub(1);
     }
     let conn = report::connect_any(&cluster.urls).await;
     let mut found = Found::new();
@@ -140,6 +138,9 @@ async fn scenario(cluster: &Cluster, fault: Fault) -> Row {
         normal_after,
         slow_bound,
         spooled: spooled as u64,
+        nack_retries: nack_retries as u64,
+        channels_replaced,
+        reconnects,
         lost,
         duplicates,
         dead_lettered: dead,

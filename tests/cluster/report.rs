@@ -30,6 +30,9 @@ pub struct Row {
     pub normal_after: Duration,
     pub slow_bound: Duration,
     pub spooled: u64,
+    pub nack_retries: u64,
+    pub channels_replaced: usize,
+    pub reconnects: usize,
     pub lost: usize,
     pub duplicates: usize,
     pub dead_lettered: usize,
@@ -117,12 +120,12 @@ pub fn print_table(rows: &[Row]) {
     println!();
     println!(
         "| scenario | sent | 2xx | fault lasted | 2xx during fault | longest answer | normal again after | \
-         spooled | lost | duplicates | dead-lettered |"
+         spooled | nack retries | channels replaced | reconnects | lost | duplicates | dead-lettered |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in rows {
         println!(
-            "| {} | {} | {} | {:.1} s | {:.1}% | {:.2} s | {:.1} s (slow > {} ms) | {} | {} | {} | {} |",
+            "| {} | {} | {} | {:.1} s | {:.1}% | {:.2} s | {:.1} s (slow > {} ms) | {} | {} | {} | {} | {} | {} | {} |",
             r.scenario,
             r.sent,
             r.ok,
@@ -132,6 +135,9 @@ pub fn print_table(rows: &[Row]) {
             r.normal_after.as_secs_f64(),
             r.slow_bound.as_millis(),
             r.spooled,
+            r.nack_retries,
+            r.channels_replaced,
+            r.reconnects,
             r.lost,
             r.duplicates,
             r.dead_lettered

@@ -37,7 +37,7 @@ pub use self::message::{
     APP_ID, ATTEMPTS_HEADER, Message, REASON_HEADER, ROUTING_KEY_HEADER, dead_letter_properties, properties,
 };
 use self::message::{is_return_of, returned_id};
-use self::policy::{Attempt, Next, after_failure, retry_pause};
+use self::policy::{Attempt, Next, after_failure, nack_pause, retry_pause};
 use super::topology::Topology;
 use super::{Broker, Delivered, Outgoing, PublishError};
 use crate::config::AmqpConfig;
@@ -178,6 +178,11 @@ impl AmqpPublisher {
         };
         self.inner.state.confirmed(&link);
         self.inner.metrics.confirm_latency(source, started.elapsed());
+        if let Confirmation::Nack(_) = confirmation {
+            link.pool().nacked(link.connection(), &ch, deadline).await;
+        } else {
+            link.pool().acked(&ch);
+        }
         match confirmation {
             Confirmation::Ack(None) => Ok(()),
             Confirmation::Ack(Some(returned)) => {
@@ -238,14 +243,16 @@ impl Broker for AmqpPublisher {
     }
 
     /// Publishes with retries until `deadline`: dead channels and lost connections
-    /// are retried on fresh ones; nacks up to `max_publish_attempts` times, then the
-    /// event is dead-lettered; an unroutable event is dead-lettered at once.
+    /// are retried on fresh ones; nacks up to `max_publish_attempts` times, spread over
+    /// a third of the deadline (on a fresh channel once one nacks repeatedly: see `pool`),
+    /// then the event is dead-lettered; an unroutable event is dead-lettered at once.
     async fn publish_until(&self, event: Outgoing<'_>, deadline: Instant) -> Result<Delivered, PublishError> {
         let env = event.envelope;
         // Built once; later attempts (rare) build their own instead of cloning.
         let mut first_props = Some(properties(env));
         let mut attempts: u32 = 0;
         let mut nacks: u32 = 0;
+        let patience = deadline.saturating_duration_since(Instant::now()) / 3;
         loop {
             attempts += 1;
             let msg = Message::of(&self.inner.cfg.exchange, env);
@@ -271,7 +278,11 @@ impl Broker for AmqpPublisher {
                 return Err(failed.error());
             }
             self.inner.metrics.publish_retried(event.source, failed.error().label());
-            if timeout_at(deadline, sleep(retry_pause(attempts))).await.is_err() {
+            let pause = match failed {
+                Attempt::Nacked => nack_pause(patience, self.inner.cfg.max_publish_attempts),
+                _ => retry_pause(attempts),
+            };
+            if timeout_at(deadline, sleep(pause)).await.is_err() {
                 return Err(failed.error());
             }
         }

@@ -63,6 +63,15 @@ pub fn retry_pause(attempts: u32) -> Duration {
     Duration::from_millis(5u64 << attempts.clamp(1, 6))
 }
 
+/// The pause after a nack, so that an event's `max_attempts` nacks span `patience`
+/// (a third of its publish deadline; the rest is left for the dead-letter publish):
+/// a quorum queue whose leader died nacks for the second or so its election takes,
+/// and the event should outlive that on the main exchange, while a queue that stays
+/// full still sees it dead-lettered in time.
+pub fn nack_pause(patience: Duration, max_attempts: u32) -> Duration {
+    patience / max_attempts.saturating_sub(1).max(1)
+}
+
 /// Capped exponential reconnect backoff with "equal jitter": each delay is drawn
 /// from `[base/2, base]`, so reconnecting relays spread out yet never retry at once.
 #[derive(Debug, Clone)]
@@ -141,6 +150,14 @@ mod tests {
         assert_eq!(retry_pause(2), Duration::from_millis(20));
         assert_eq!(retry_pause(6), Duration::from_millis(320));
         assert_eq!(retry_pause(60), Duration::from_millis(320));
+    }
+
+    #[test]
+    fn nacks_are_spread_over_the_patience() {
+        let patience = Duration::from_millis(2500);
+        assert_eq!(nack_pause(patience, 3), Duration::from_millis(1250));
+        assert_eq!(nack_pause(patience, 2), patience);
+        assert_eq!(nack_pause(patience, 1), patience);
     }
 
     #[test]

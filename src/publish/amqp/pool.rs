@@ -1,26 +1,44 @@
 //! The confirm-mode channel pool of one connection: requests share the channels
 //! round-robin and pipeline their publishes on them; a channel found closed is
-//! replaced on the spot, once, by whichever request finds it first.
+//! replaced on the spot, once, by whichever request finds it first. So is a channel
+//! that nacks [`NACKS_BEFORE_REPLACING`] publishes in a row: RabbitMQ 3.10 can nack
+//! every publish, forever, on a channel whose first publish to a quorum queue met a
+//! dead leader, while a fresh channel works as soon as a new leader is elected.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use lapin::options::ConfirmSelectOptions;
 use lapin::{Channel, Connection};
 use tokio::time::{Instant, timeout_at};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::policy::Attempt;
 
-/// One pooled channel and the lock that serialises its replacement.
+/// Nacks in a row after which a channel is replaced rather than used again.
+pub const NACKS_BEFORE_REPLACING: u32 = 3;
+/// How long a replaced channel stays open for the confirms still in flight on it.
+const REPLACED_CHANNEL_GRACE: Duration = Duration::from_secs(10);
+
+/// One pooled channel, the lock that serialises its replacement, and its nacks in a row.
 struct Slot {
     channel: Mutex<Channel>,
     repair: tokio::sync::Mutex<()>,
+    /// The channel's id, to match a confirm to its slot without the lock.
+    id: AtomicU16,
+    /// Nacks since the channel last acked anything (or was opened).
+    nacks: AtomicU32,
 }
 
 impl Slot {
     fn new(channel: Channel) -> Self {
-        Slot { channel: Mutex::new(channel), repair: tokio::sync::Mutex::new(()) }
+        Slot {
+            id: AtomicU16::new(channel.id()),
+            channel: Mutex::new(channel),
+            repair: tokio::sync::Mutex::new(()),
+            nacks: AtomicU32::new(0),
+        }
     }
 
     fn get(&self) -> Channel {
@@ -31,6 +49,8 @@ impl Slot {
     }
 
     fn set(&self, ch: Channel) {
+        self.id.store(ch.id(), Ordering::Relaxed);
+        self.nacks.store(0, Ordering::Relaxed);
         match self.channel.lock() {
             Ok(mut slot) => *slot = ch,
             Err(poisoned) => *poisoned.into_inner() = ch,
@@ -57,6 +77,50 @@ impl ChannelPool {
     /// How many channels the pool holds.
     pub fn size(&self) -> usize {
         self.slots.len()
+    }
+
+    /// The slot currently holding `ch`, if any (a replaced channel has none).
+    fn slot_of(&self, ch: &Channel) -> Option<&Slot> {
+        self.slots.iter().find(|s| s.id.load(Ordering::Relaxed) == ch.id())
+    }
+
+    /// The broker acked a publish on `ch`: its nacks in a row start over.
+    pub fn acked(&self, ch: &Channel) {
+        if let Some(slot) = self.slot_of(ch)
+            && slot.nacks.load(Ordering::Relaxed) != 0
+        {
+            slot.nacks.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// The broker nacked a publish on `ch`. After [`NACKS_BEFORE_REPLACING`] in a row
+    /// the channel is replaced by a fresh one (within `deadline`); the old one stays
+    /// open a while for the confirms still in flight on it, then is closed.
+    pub async fn nacked(&self, conn: &Connection, ch: &Channel, deadline: Instant) {
+        let Some(slot) = self.slot_of(ch) else { return };
+        if slot.nacks.fetch_add(1, Ordering::Relaxed) + 1 < NACKS_BEFORE_REPLACING {
+            return;
+        }
+        let Ok(_guard) = timeout_at(deadline, slot.repair.lock()).await else { return };
+        if slot.get().id() != ch.id() || !conn.status().connected() {
+            return; // replaced meanwhile, or the whole connection is going
+        }
+        match timeout_at(deadline, open_confirm_channel(conn)).await {
+            Ok(Ok(fresh)) => {
+                slot.set(fresh);
+                warn!(
+                    nacks = NACKS_BEFORE_REPLACING,
+                    "A channel nacked publishes in a row; replaced it with a fresh one."
+                );
+                let old = ch.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(REPLACED_CHANNEL_GRACE).await;
+                    let _ = old.close(200, "replaced after repeated nacks".into()).await;
+                });
+            }
+            Ok(Err(error)) => debug!(%error, "Cannot open a channel to replace a nacking one."),
+            Err(_) => {}
+        }
     }
 
     /// The next channel round-robin, replacing it first if it was closed.
