@@ -64,7 +64,8 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     substitute(&mut other);
-    let url = original.amqp.url.expose_secret().to_owned();
+    // One URL or several: the check below needs one to look for.
+    let url = original.amqp.url.as_slice().first().map(|u| u.expose_secret().to_owned()).unwrap_or_default();
     let shown = format!("{original:?}");
     assert_eq!(shown, format!("{other:?}"), "Debug of Settings depends on a secret");
     let (a, b) = (outcome(original), outcome(other));

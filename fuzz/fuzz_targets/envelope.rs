@@ -1,15 +1,19 @@
-//! Envelope building from arbitrary (signed) bodies.
+//! Envelope building from arbitrary (signed) bodies, through Patreon's verifier (the
+//! JSON check is the verifier's) and the slack kind's for bodies that are not JSON.
 //!
-//! Input layout: `event \n body`. Invariants: building never panics; when it succeeds
-//! the envelope is JSON a consumer's parser accepts, its `data` bytes equal the body
-//! exactly, the id is stable, and the routing key is `{source}.{dotted trigger}`;
-//! when it fails the body really is not JSON or is nested too deeply.
+//! Input layout: `event \n body`. Invariants: nothing panics; a body is accepted iff
+//! it is UTF-8 JSON nested at most 126 deep; then the envelope is JSON a consumer's
+//! parser accepts, its `data` bytes equal the body exactly, the id is stable, and the
+//! routing key is `{source}.{dotted event}`. A form body (Slack) comes back exactly
+//! from `data_base64`.
 #![no_main]
 
 use std::time::{Duration, SystemTime};
 
-use hookrelay::envelope::{self, EnvelopeError, MAX_JSON_DEPTH};
+use base64::Engine;
+use hookrelay::envelope::{self, MAX_JSON_DEPTH, Target};
 use hookrelay::verify::patreon::{PatreonVerifier, sign};
+use hookrelay::verify::{HeaderMap, HeaderValue, JsonError, Provider, VerifyError, slack};
 use libfuzzer_sys::fuzz_target;
 use serde::de::IgnoredAny;
 
@@ -22,14 +26,14 @@ fuzz_target!(|data: &[u8]| {
     };
     let verifier = PatreonVerifier::new([SECRET]);
     let sig = sign(SECRET, body);
-    let Ok(verified) = verifier.verify(Some(sig.as_bytes()), Some(event), body) else {
-        return;
-    };
     let now = SystemTime::UNIX_EPOCH + Duration::from_micros(1_764_374_400_123_456);
+    let target =
+        Target { source_name: "patreon", ce_source: "/webhooks/patreon", type_prefix: "com.patreon" };
     // The relay checks JSON syntax only (numbers need not fit an f64), as IgnoredAny does.
     let syntax_ok = std::str::from_utf8(body).is_ok() && serde_json::from_slice::<IgnoredAny>(body).is_ok();
-    match envelope::build(&verified, "patreon", "/webhooks/patreon", now) {
-        Ok(env) => {
+    match verifier.verify(Some(sig.as_bytes()), Some(event), body) {
+        Ok(verified) => {
+            let env = envelope::build(&verified, &target, now);
             assert!(syntax_ok, "accepted a body that is not JSON");
             if let Err(e) = serde_json::from_slice::<IgnoredAny>(&env.body) {
                 panic!("envelope is not JSON a consumer can parse: {e}");
@@ -53,17 +57,46 @@ fuzz_target!(|data: &[u8]| {
                 env.body[start..].windows(key.len()).position(|w| w == key).map(|p| start + p + key.len());
             let at = at.unwrap_or_else(|| panic!("no data member"));
             assert_eq!(&env.body[at..env.body.len() - 1], body, "data bytes differ from the body");
-            assert_eq!(env.id, envelope::event_id(verified.trigger().as_str(), body));
-            assert_eq!(env.routing_key, format!("patreon.{}", verified.trigger().dotted()));
+            assert_eq!(env.id, envelope::event_id(verified.event(), body));
+            assert_eq!(env.routing_key, format!("patreon.{}", verified.event().replace(':', ".")));
         }
-        Err(EnvelopeError::TooDeep) => {
+        Err(VerifyError::Json(JsonError::TooDeep)) => {
             assert!(depth(body) > MAX_JSON_DEPTH, "refused as too deep at depth {}", depth(body));
         }
-        Err(EnvelopeError::InvalidJson) => {
+        Err(VerifyError::Json(JsonError::Invalid)) => {
             assert!(!syntax_ok || depth(body) > MAX_JSON_DEPTH, "refused a body that is JSON");
         }
+        Err(VerifyError::Event(_)) => {}
+        Err(VerifyError::Signature(e)) => panic!("the real digest was refused: {e:?}"),
     }
+
+    // Any body posted as a form is relayed byte for byte as data_base64.
+    let slack = slack_provider();
+    let mut headers = HeaderMap::new();
+    let ts = "1764374400";
+    let Ok(sig) = HeaderValue::from_str(&slack::sign(SECRET, 1_764_374_400, body)) else { return };
+    headers.insert("x-slack-signature", sig);
+    headers.insert("x-slack-request-timestamp", HeaderValue::from_static(ts));
+    headers.insert("content-type", HeaderValue::from_static("application/x-www-form-urlencoded"));
+    let verified =
+        slack.verify(&headers, body, now).unwrap_or_else(|e| panic!("a signed form was refused: {e:?}"));
+    let env = envelope::build(&verified, &target, now);
+    let value: serde_json::Value =
+        serde_json::from_slice(&env.body).unwrap_or_else(|e| panic!("form envelope is not JSON: {e}"));
+    let encoded = value["data_base64"].as_str().unwrap_or_else(|| panic!("no data_base64"));
+    let decoded = base64::engine::general_purpose::STANDARD.decode(encoded).unwrap_or_default();
+    assert_eq!(decoded, body, "data_base64 does not give the body back");
 });
+
+fn slack_provider() -> Box<dyn Provider> {
+    let options = hookrelay::verify::KindOptions::default();
+    let settings = hookrelay::verify::ProviderSettings {
+        secrets: vec![SECRET],
+        tolerance: Some(Duration::from_secs(300)),
+        options: &options,
+    };
+    (slack::KIND.build)(&settings).unwrap_or_else(|e| panic!("{e}"))
+}
 
 /// Deepest bracket nesting outside strings (the envelope's own measure).
 fn depth(raw: &[u8]) -> usize {

@@ -43,7 +43,7 @@ use std::borrow::Cow;
 use std::time::{Duration, SystemTime};
 
 pub use event::{EventError, EventSource};
-pub use http::{HeaderMap, HeaderName};
+pub use http::{HeaderMap, HeaderName, HeaderValue};
 pub use json::JsonError;
 pub use trigger::{KnownTrigger, Trigger, TriggerError};
 
