@@ -9,6 +9,7 @@ mod reasons;
 
 use std::time::Duration;
 
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
@@ -52,21 +53,33 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
+/// Registers `collector` and hands it back.
+fn registered<C: Collector + Clone + 'static>(registry: &Registry, collector: C) -> prometheus::Result<C> {
+    registry.register(Box::new(collector.clone()))?;
+    Ok(collector)
+}
+
 fn counter(
     registry: &Registry,
     name: &str,
     help: &str,
     labels: &[&str],
 ) -> prometheus::Result<IntCounterVec> {
-    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
-    registry.register(Box::new(c.clone()))?;
-    Ok(c)
+    registered(registry, IntCounterVec::new(Opts::new(name, help), labels)?)
+}
+
+fn single_counter(registry: &Registry, name: &str, help: &str) -> prometheus::Result<IntCounter> {
+    registered(registry, IntCounter::new(name, help)?)
+}
+
+/// A latency histogram (seconds, [`LATENCY_BUCKETS`]) with one label.
+fn latency(registry: &Registry, name: &str, help: &str, label: &str) -> prometheus::Result<HistogramVec> {
+    let opts = HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec());
+    registered(registry, HistogramVec::new(opts, &[label])?)
 }
 
 fn gauge(registry: &Registry, name: &str, help: &str) -> prometheus::Result<IntGauge> {
-    let g = IntGauge::new(name, help)?;
-    registry.register(Box::new(g.clone()))?;
-    Ok(g)
+    registered(registry, IntGauge::new(name, help)?)
 }
 
 /// Latency buckets from 100 µs to 10 s.
@@ -130,30 +143,18 @@ impl Metrics {
                 "Events the broker returned as unroutable (the alternate exchange was missing), by source.",
                 &["source"],
             )?,
-            confirm_duration: {
-                let h = HistogramVec::new(
-                    HistogramOpts::new(
-                        "hookrelay_confirm_duration_seconds",
-                        "Time from publish to broker confirm, by source.",
-                    )
-                    .buckets(LATENCY_BUCKETS.to_vec()),
-                    &["source"],
-                )?;
-                registry.register(Box::new(h.clone()))?;
-                h
-            },
-            request_duration: {
-                let h = HistogramVec::new(
-                    HistogramOpts::new(
-                        "hookrelay_request_duration_seconds",
-                        "Time from request head to answer on the ingest listener, by status.",
-                    )
-                    .buckets(LATENCY_BUCKETS.to_vec()),
-                    &["status"],
-                )?;
-                registry.register(Box::new(h.clone()))?;
-                h
-            },
+            confirm_duration: latency(
+                &registry,
+                "hookrelay_confirm_duration_seconds",
+                "Time from publish to broker confirm, by source.",
+                "source",
+            )?,
+            request_duration: latency(
+                &registry,
+                "hookrelay_request_duration_seconds",
+                "Time from request head to answer on the ingest listener, by status.",
+                "status",
+            )?,
             broker_connected: gauge(
                 &registry,
                 "hookrelay_broker_connected",
@@ -170,14 +171,13 @@ impl Metrics {
                 "Broker connections the relay declared dead and replaced, by cause (heartbeat, confirm_timeout, closed).",
                 &["cause"],
             )?,
-            last_confirm_age: {
-                let g = prometheus::Gauge::new(
+            last_confirm_age: registered(
+                &registry,
+                prometheus::Gauge::new(
                     "hookrelay_broker_seconds_since_last_confirm",
                     "Seconds since the broker last confirmed a publish (since start-up if none yet).",
-                )?;
-                registry.register(Box::new(g.clone()))?;
-                g
-            },
+                )?,
+            )?,
             spool_events: gauge(&registry, "hookrelay_spool_events", "Events waiting in the local spool.")?,
             spool_bytes: gauge(
                 &registry,
@@ -190,30 +190,21 @@ impl Metrics {
                 "Events written to the local spool, by source.",
                 &["source"],
             )?,
-            spool_drained: {
-                let c = IntCounter::new(
-                    "hookrelay_spool_drained_total",
-                    "Spooled events published and confirmed by the drainer.",
-                )?;
-                registry.register(Box::new(c.clone()))?;
-                c
-            },
-            spool_corrupt: {
-                let c = IntCounter::new(
-                    "hookrelay_spool_corrupt_records_total",
-                    "Torn or corrupt spool records skipped on recovery.",
-                )?;
-                registry.register(Box::new(c.clone()))?;
-                c
-            },
-            spool_quarantined: {
-                let c = IntCounter::new(
-                    "hookrelay_spool_quarantined_total",
-                    "Spooled events the broker refused repeatedly, moved aside to the spool quarantine.",
-                )?;
-                registry.register(Box::new(c.clone()))?;
-                c
-            },
+            spool_drained: single_counter(
+                &registry,
+                "hookrelay_spool_drained_total",
+                "Spooled events published and confirmed by the drainer.",
+            )?,
+            spool_corrupt: single_counter(
+                &registry,
+                "hookrelay_spool_corrupt_records_total",
+                "Torn or corrupt spool records skipped on recovery.",
+            )?,
+            spool_quarantined: single_counter(
+                &registry,
+                "hookrelay_spool_quarantined_total",
+                "Spooled events the broker refused repeatedly, moved aside to the spool quarantine.",
+            )?,
             spool_quarantine_events: gauge(
                 &registry,
                 "hookrelay_spool_quarantine_events",
@@ -230,17 +221,16 @@ impl Metrics {
                 "hookrelay_dead_letter_messages",
                 "Messages in the relay's dead-letter queue, read every 5 s.",
             )?,
-            parked_messages: {
-                let g = prometheus::IntGaugeVec::new(
+            parked_messages: registered(
+                &registry,
+                prometheus::IntGaugeVec::new(
                     Opts::new(
                         "hookrelay_parked_messages",
                         "Messages in a source's parking queue (rejected too often), read every 5 s.",
                     ),
                     &["source"],
-                )?;
-                registry.register(Box::new(g.clone()))?;
-                g
-            },
+                )?,
+            )?,
             registry,
         };
         #[cfg(target_os = "linux")]
