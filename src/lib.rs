@@ -121,7 +121,7 @@ impl Relay {
             warn!(warning = %warning, "Configuration warning.");
         }
         let metrics =
-            Metrics::new(config.sources.iter().map(|s| (s.name.as_str(), s.verifier.known_events())))
+            Metrics::new(config.sources.iter().map(|s| (s.name.as_str(), s.verifier.shape().known_events)))
                 .context("metrics registry")?;
         let (spool, spool_lock) = match open_spool(&config, &metrics).await? {
             Some((spool, lock)) => (Some(spool), Some(lock)),

@@ -386,10 +386,10 @@ mod tests {
         let cfg = load(Some(text), &env(&[])).unwrap().validate().unwrap();
         let by = |n: &str| cfg.sources.iter().find(|s| s.name == n).unwrap();
         assert_eq!(by("gh").type_prefix, "com.github");
-        assert_eq!(by("gh").verifier.secret_count(), 2);
+        assert_eq!(by("gh").verifier.shape().secret_count, 2);
         assert_eq!(by("sw").type_prefix, "sw");
         assert_eq!(by("generic").type_prefix, "org.example");
-        let names: Vec<&str> = by("generic").verifier.unique_headers().iter().map(|h| h.as_str()).collect();
+        let names: Vec<&str> = by("generic").verifier.shape().single.iter().map(|h| h.as_str()).collect();
         assert_eq!(names, ["x-sig", "x-event", "x-id"]);
         let e = env(&[
             ("HOOKRELAY_SOURCES__ST__KIND", "stripe"),

@@ -182,11 +182,12 @@ impl<P: Publisher> Ingest<P> {
         // Two signatures or two event names are ambiguous (a proxy may pick the other
         // one): refuse them from the head, before reading the body.
         let verifier = &source.verifier;
-        for single in verifier.unique_headers() {
+        let shape = verifier.shape();
+        for single in &shape.single {
             if req.headers().get_all(single).iter().nth(1).is_some() {
                 debug!(header = %single, "Header repeated.");
                 let peer = req.extensions().get::<PeerAddr>().map(|p| p.0.ip());
-                return closing(self.refuse(name, peer, verifier.repeated(single)));
+                return closing(self.refuse(name, peer, shape.repeated(single)));
             }
         }
         let (parts, body) = req.into_parts();

@@ -8,11 +8,11 @@
 use std::borrow::Cow;
 use std::time::SystemTime;
 
-use super::event::{self, EventError, EventSource};
+use super::event::{self, EventSource};
 use super::keys::{Sha256Keys, hex_digest, mac};
 use super::{
-    Data, HeaderLines, HeaderMap, HeaderName, Kind, Provider, ProviderSettings, SettingError, SignInput,
-    SignatureError, Verified, VerifyError, data_for, header, json,
+    Data, HeaderLines, HeaderMap, HeaderName, Kind, Provider, ProviderSettings, SettingError, Shape,
+    SignInput, SignatureError, Verified, VerifyError, data_for, header, json,
 };
 
 /// Header carrying `sha256=<hex>`.
@@ -79,42 +79,28 @@ pub const KNOWN_EVENTS: &[&str] = &[
 
 fn build(settings: &ProviderSettings<'_>) -> Result<Box<dyn Provider>, SettingError> {
     settings.options.refuse_all(KIND.name)?;
-    Ok(Box::new(GitHub {
-        keys: Sha256Keys::new(settings.secrets.iter().copied()),
-        unique: [
-            HeaderName::from_static(SIGNATURE_HEADER),
-            HeaderName::from_static(EVENT_HEADER),
-            HeaderName::from_static(DELIVERY_HEADER),
-        ],
-    }))
+    let names = [SIGNATURE_HEADER, EVENT_HEADER, DELIVERY_HEADER].map(HeaderName::from_static);
+    let keys = Sha256Keys::new(settings.secrets.iter().copied());
+    let shape = Shape {
+        single: names.to_vec(),
+        event_header: Some((names[1].clone(), EVENT_SOURCE)),
+        known_events: KNOWN_EVENTS,
+        secret_count: keys.len(),
+    };
+    Ok(Box::new(GitHub { keys, names, shape }))
 }
 
 /// A GitHub source's verifier.
 #[derive(Debug)]
 struct GitHub {
     keys: Sha256Keys,
-    unique: [HeaderName; 3],
+    names: [HeaderName; 3],
+    shape: Shape,
 }
 
 impl Provider for GitHub {
-    fn unique_headers(&self) -> &[HeaderName] {
-        &self.unique
-    }
-
-    fn repeated(&self, name: &HeaderName) -> VerifyError {
-        if *name == self.unique[1] {
-            EventError::Malformed(EVENT_SOURCE).into()
-        } else {
-            SignatureError::Malformed.into()
-        }
-    }
-
-    fn secret_count(&self) -> usize {
-        self.keys.len()
-    }
-
-    fn known_events(&self) -> &'static [&'static str] {
-        KNOWN_EVENTS
+    fn shape(&self) -> &Shape {
+        &self.shape
     }
 
     fn verify<'a>(
@@ -123,7 +109,7 @@ impl Provider for GitHub {
         body: &'a [u8],
         _now: SystemTime,
     ) -> Result<Verified<'a>, VerifyError> {
-        let [signature, event, delivery] = &self.unique;
+        let [signature, event, delivery] = &self.names;
         let sig = header(headers, signature).ok_or(SignatureError::Missing)?.trim_ascii();
         let digest = sig.strip_prefix(PREFIX).and_then(hex_digest::<32>).ok_or(SignatureError::Malformed)?;
         if !self.keys.any_matches(&[body], &[digest]) {
@@ -170,6 +156,7 @@ fn sign_headers(input: &SignInput<'_>) -> Result<HeaderLines, SettingError> {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use crate::verify::EventError;
     use crate::verify::testing::{at, build, headers, vector, vector_body, vector_headers};
 
     fn bad_action() -> VerifyError {

@@ -16,11 +16,11 @@ use md5::Md5;
 use sha1::Sha1;
 use sha2::{Sha256, Sha512};
 
-use super::event::{self, EventError, EventSource};
+use super::event::{self, EventSource};
 use super::keys::{Keys, base64, mac};
 use super::{
-    Data, HeaderLines, HeaderMap, HeaderName, Kind, Provider, ProviderSettings, SettingError, SignInput,
-    SignatureError, Verified, VerifyError, data_for, header, json,
+    Data, HeaderLines, HeaderMap, HeaderName, Kind, Provider, ProviderSettings, SettingError, Shape,
+    SignInput, SignatureError, Verified, VerifyError, data_for, header, json,
 };
 
 /// The `hmac` kind.
@@ -107,6 +107,15 @@ impl AnyKeys {
         }
     }
 
+    fn len(&self) -> usize {
+        match self {
+            AnyKeys::Md5(k) => k.len(),
+            AnyKeys::Sha1(k) => k.len(),
+            AnyKeys::Sha256(k) => k.len(),
+            AnyKeys::Sha512(k) => k.len(),
+        }
+    }
+
     fn any_matches(&self, body: &[u8], digest: &[u8]) -> bool {
         match self {
             AnyKeys::Md5(k) => k.any_matches(&[body], &[digest]),
@@ -146,18 +155,27 @@ fn parse_options(o: &super::KindOptions) -> Result<(&str, Algorithm, Encoding), 
 fn build(settings: &ProviderSettings<'_>) -> Result<Box<dyn Provider>, SettingError> {
     let o = settings.options;
     let (signature, algorithm, encoding) = parse_options(o)?;
-    let mut unique = vec![header_name("signature_header", signature)?];
+    // Signature header first, then the event and id headers when configured.
+    let mut single = vec![header_name("signature_header", signature)?];
     let event = o.event_header.as_deref().map(|h| header_name("event_header", h)).transpose()?;
     let id = o.id_header.as_deref().map(|h| header_name("id_header", h)).transpose()?;
-    unique.extend(event.iter().chain(id.iter()).cloned());
+    single.extend(event.iter().chain(id.iter()).cloned());
+    let keys = AnyKeys::new(algorithm, &settings.secrets);
+    let shape = Shape {
+        event_header: event.clone().map(|h| (h, EVENT_SOURCE)),
+        known_events: if event.is_some() { &[] } else { KNOWN_EVENTS },
+        secret_count: keys.len(),
+        single,
+    };
     Ok(Box::new(Generic {
-        keys: AnyKeys::new(algorithm, &settings.secrets),
+        keys,
         algorithm,
         encoding,
         prefix: o.signature_prefix.clone().unwrap_or_default().into_bytes(),
         event,
         id,
-        unique,
+        signature: header_name("signature_header", signature)?,
+        shape,
     }))
 }
 
@@ -170,8 +188,8 @@ struct Generic {
     prefix: Vec<u8>,
     event: Option<HeaderName>,
     id: Option<HeaderName>,
-    /// Signature header first, then the event and id headers when configured.
-    unique: Vec<HeaderName>,
+    signature: HeaderName,
+    shape: Shape,
 }
 
 impl Generic {
@@ -210,29 +228,8 @@ impl Generic {
 }
 
 impl Provider for Generic {
-    fn unique_headers(&self) -> &[HeaderName] {
-        &self.unique
-    }
-
-    fn repeated(&self, name: &HeaderName) -> VerifyError {
-        if self.event.as_ref() == Some(name) {
-            EventError::Malformed(EVENT_SOURCE).into()
-        } else {
-            SignatureError::Malformed.into()
-        }
-    }
-
-    fn secret_count(&self) -> usize {
-        match &self.keys {
-            AnyKeys::Md5(k) => k.len(),
-            AnyKeys::Sha1(k) => k.len(),
-            AnyKeys::Sha256(k) => k.len(),
-            AnyKeys::Sha512(k) => k.len(),
-        }
-    }
-
-    fn known_events(&self) -> &'static [&'static str] {
-        if self.event.is_some() { &[] } else { KNOWN_EVENTS }
+    fn shape(&self) -> &Shape {
+        &self.shape
     }
 
     fn verify<'a>(
@@ -241,7 +238,7 @@ impl Provider for Generic {
         body: &'a [u8],
         _now: SystemTime,
     ) -> Result<Verified<'a>, VerifyError> {
-        let value = self.unique.first().and_then(|h| header(headers, h)).ok_or(SignatureError::Missing)?;
+        let value = header(headers, &self.signature).ok_or(SignatureError::Missing)?;
         let (digest, len) = self.decode(value).ok_or(SignatureError::Malformed)?;
         if !self.keys.any_matches(body, &digest[..len]) {
             return Err(SignatureError::Mismatch.into());
@@ -254,7 +251,7 @@ impl Provider for Generic {
         if data == Data::Json {
             json::scan(body, &[])?;
         }
-        let label = event::label(&name, self.known_events());
+        let label = event::label(&name, self.shape.known_events);
         let id = self.id.as_ref().and_then(|h| event::delivery_id_bytes(header(headers, h)));
         Ok(Verified::new(body, name, label).with_delivery_id(id).with_data(data))
     }
@@ -294,6 +291,7 @@ fn sign_headers(input: &SignInput<'_>) -> Result<HeaderLines, SettingError> {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use crate::verify::EventError;
     use crate::verify::KindOptions;
     use crate::verify::testing::{at, build_with, headers, vector, vector_body, vector_headers};
 

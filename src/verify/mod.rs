@@ -11,10 +11,8 @@
 //!
 //! ```text
 //! trait Provider {
-//!     fn unique_headers(&self) -> &[HeaderName];     // refused twice, from the head
-//!     fn repeated(&self, &HeaderName) -> VerifyError; // ... as what (default: malformed)
-//!     fn secret_count(&self) -> usize;
-//!     fn known_events(&self) -> &'static [&'static str]; // bounded `event` labels
+//!     fn shape(&self) -> &Shape;  // single headers (refused twice, from the head), the
+//!                                 // event header, known events (bounded labels), secret count
 //!     fn verify(&self, headers, body, now) -> Result<Verified, VerifyError>;
 //! }
 //! Verified { body, event name, label, delivery id?, subject?, data: Json | Binary, reply? }
@@ -187,24 +185,41 @@ impl<'a> Verified<'a> {
     }
 }
 
-/// One provider kind's verifier, built once per source with its keys precomputed.
-pub trait Provider: Send + Sync + std::fmt::Debug {
+/// What a source's verifier says about itself, fixed when it is built.
+#[derive(Debug, Clone)]
+pub struct Shape {
     /// Headers refused when they appear more than once: a proxy might pick the other
     /// one. Checked on the head, before the body is read.
-    fn unique_headers(&self) -> &[HeaderName];
-
-    /// What a repeat of one of [`Provider::unique_headers`] is refused as: a
-    /// malformed signature unless the provider says the header names the event.
-    fn repeated(&self, _name: &HeaderName) -> VerifyError {
-        SignatureError::Malformed.into()
-    }
-
+    pub single: Vec<HeaderName>,
+    /// The one of them naming the event: a repeat of it is a bad event name (400), a
+    /// repeat of any other a malformed signature (401).
+    pub event_header: Option<(HeaderName, EventSource)>,
+    /// Event labels the kind documents (the `event` metric label is one of these or
+    /// `other`), pre-registered at zero.
+    pub known_events: &'static [&'static str],
     /// How many secrets can sign (several during a rotation).
-    fn secret_count(&self) -> usize;
+    pub secret_count: usize,
+}
 
-    /// Event labels this provider documents (the `event` metric label is one of these
-    /// or `other`), pre-registered at zero.
-    fn known_events(&self) -> &'static [&'static str];
+impl Shape {
+    /// What a repeat of `name` (one of [`Shape::single`]) is refused as.
+    pub fn repeated(&self, name: &HeaderName) -> VerifyError {
+        match &self.event_header {
+            Some((event, source)) if event == name => EventError::Malformed(*source).into(),
+            _ => SignatureError::Malformed.into(),
+        }
+    }
+}
+
+/// One provider kind's verifier, built once per source with its keys precomputed.
+pub trait Provider: Send + Sync + std::fmt::Debug {
+    /// Its single headers, event header, known events and secret count.
+    fn shape(&self) -> &Shape;
+
+    /// How many secrets can sign.
+    fn secret_count(&self) -> usize {
+        self.shape().secret_count
+    }
 
     /// Checks the signature first (nothing of an unauthenticated body is examined),
     /// then reads the event name, delivery id and subject.

@@ -13,7 +13,7 @@ use md5::Md5;
 use super::event::{EventError, EventSource};
 use super::keys::{Keys, hex_digest, mac};
 use super::{
-    HeaderLines, HeaderMap, HeaderName, Kind, Provider, ProviderSettings, SettingError, SignInput,
+    HeaderLines, HeaderMap, HeaderName, Kind, Provider, ProviderSettings, SettingError, Shape, SignInput,
     SignatureError, Trigger, TriggerError, Verified, VerifyError, header, json,
 };
 
@@ -41,7 +41,8 @@ fn build(settings: &ProviderSettings<'_>) -> Result<Box<dyn Provider>, SettingEr
 #[derive(Clone)]
 pub struct PatreonVerifier {
     keys: Keys<Hmac<Md5>>,
-    unique: [HeaderName; 2],
+    names: [HeaderName; 2],
+    shape: Shape,
 }
 
 impl std::fmt::Debug for PatreonVerifier {
@@ -55,10 +56,15 @@ impl PatreonVerifier {
     /// UTF-8 text verbatim as the key). Empty secrets are skipped; the caller checks
     /// that at least one remains.
     pub fn new<'s>(secrets: impl IntoIterator<Item = &'s [u8]>) -> Self {
-        PatreonVerifier {
-            keys: Keys::new(secrets),
-            unique: [HeaderName::from_static(SIGNATURE_HEADER), HeaderName::from_static(EVENT_HEADER)],
-        }
+        let names = [SIGNATURE_HEADER, EVENT_HEADER].map(HeaderName::from_static);
+        let keys: Keys<Hmac<Md5>> = Keys::new(secrets);
+        let shape = Shape {
+            single: names.to_vec(),
+            event_header: Some((names[1].clone(), EVENT_SOURCE)),
+            known_events: &super::trigger::NAMES,
+            secret_count: keys.len(),
+        };
+        PatreonVerifier { keys, names, shape }
     }
 
     /// How many secrets can sign.
@@ -102,24 +108,8 @@ impl PatreonVerifier {
 }
 
 impl Provider for PatreonVerifier {
-    fn unique_headers(&self) -> &[HeaderName] {
-        &self.unique
-    }
-
-    fn repeated(&self, name: &HeaderName) -> VerifyError {
-        if *name == self.unique[1] {
-            EventError::Malformed(EVENT_SOURCE).into()
-        } else {
-            SignatureError::Malformed.into()
-        }
-    }
-
-    fn secret_count(&self) -> usize {
-        self.keys.len()
-    }
-
-    fn known_events(&self) -> &'static [&'static str] {
-        &super::trigger::NAMES
+    fn shape(&self) -> &Shape {
+        &self.shape
     }
 
     fn verify<'a>(
@@ -128,7 +118,7 @@ impl Provider for PatreonVerifier {
         body: &'a [u8],
         _now: SystemTime,
     ) -> Result<Verified<'a>, VerifyError> {
-        let [signature, event] = &self.unique;
+        let [signature, event] = &self.names;
         PatreonVerifier::verify(self, header(headers, signature), header(headers, event), body)
     }
 }

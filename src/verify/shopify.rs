@@ -5,10 +5,10 @@
 
 use std::time::SystemTime;
 
-use super::event::{self, EventError, EventSource};
+use super::event::{self, EventSource};
 use super::keys::{Sha256Keys, base64, base64_digest, mac};
 use super::{
-    HeaderLines, HeaderMap, HeaderName, Kind, Provider, ProviderSettings, SettingError, SignInput,
+    HeaderLines, HeaderMap, HeaderName, Kind, Provider, ProviderSettings, SettingError, Shape, SignInput,
     SignatureError, Verified, VerifyError, header, json,
 };
 
@@ -60,43 +60,29 @@ pub const KNOWN_EVENTS: &[&str] = &[
 
 fn build(settings: &ProviderSettings<'_>) -> Result<Box<dyn Provider>, SettingError> {
     settings.options.refuse_all(KIND.name)?;
-    Ok(Box::new(Shopify {
-        keys: Sha256Keys::new(settings.secrets.iter().copied()),
-        unique: [
-            HeaderName::from_static(SIGNATURE_HEADER),
-            HeaderName::from_static(TOPIC_HEADER),
-            HeaderName::from_static(EVENT_ID_HEADER),
-            HeaderName::from_static(WEBHOOK_ID_HEADER),
-        ],
-    }))
+    let names =
+        [SIGNATURE_HEADER, TOPIC_HEADER, EVENT_ID_HEADER, WEBHOOK_ID_HEADER].map(HeaderName::from_static);
+    let keys = Sha256Keys::new(settings.secrets.iter().copied());
+    let shape = Shape {
+        single: names.to_vec(),
+        event_header: Some((names[1].clone(), EVENT_SOURCE)),
+        known_events: KNOWN_EVENTS,
+        secret_count: keys.len(),
+    };
+    Ok(Box::new(Shopify { keys, names, shape }))
 }
 
 /// A Shopify source's verifier.
 #[derive(Debug)]
 struct Shopify {
     keys: Sha256Keys,
-    unique: [HeaderName; 4],
+    names: [HeaderName; 4],
+    shape: Shape,
 }
 
 impl Provider for Shopify {
-    fn unique_headers(&self) -> &[HeaderName] {
-        &self.unique
-    }
-
-    fn repeated(&self, name: &HeaderName) -> VerifyError {
-        if *name == self.unique[1] {
-            EventError::Malformed(EVENT_SOURCE).into()
-        } else {
-            SignatureError::Malformed.into()
-        }
-    }
-
-    fn secret_count(&self) -> usize {
-        self.keys.len()
-    }
-
-    fn known_events(&self) -> &'static [&'static str] {
-        KNOWN_EVENTS
+    fn shape(&self) -> &Shape {
+        &self.shape
     }
 
     fn verify<'a>(
@@ -105,7 +91,7 @@ impl Provider for Shopify {
         body: &'a [u8],
         _now: SystemTime,
     ) -> Result<Verified<'a>, VerifyError> {
-        let [signature, topic, event_id, webhook_id] = &self.unique;
+        let [signature, topic, event_id, webhook_id] = &self.names;
         let sig = header(headers, signature).ok_or(SignatureError::Missing)?;
         let digest = base64_digest::<32>(sig).ok_or(SignatureError::Malformed)?;
         if !self.keys.any_matches(&[body], &[digest]) {
@@ -138,6 +124,7 @@ fn sign_headers(input: &SignInput<'_>) -> Result<HeaderLines, SettingError> {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use crate::verify::EventError;
     use crate::verify::testing::{at, build, headers, vector, vector_body, vector_headers};
 
     #[test]

@@ -14,8 +14,8 @@ use std::time::{Duration, SystemTime};
 use super::event::{self, EventSource};
 use super::keys::{Sha256Keys, hex_digest, mac};
 use super::{
-    Data, HeaderLines, HeaderMap, HeaderName, Kind, Provider, ProviderSettings, SettingError, SignInput,
-    SignatureError, Verified, VerifyError, check_timestamp, data_for, header, json,
+    Data, HeaderLines, HeaderMap, HeaderName, Kind, Provider, ProviderSettings, SettingError, Shape,
+    SignInput, SignatureError, Verified, VerifyError, check_timestamp, data_for, header, json,
 };
 
 /// Header carrying `v0=<hex>`.
@@ -56,11 +56,15 @@ pub const KNOWN_EVENTS: &[&str] = &[
 
 fn build(settings: &ProviderSettings<'_>) -> Result<Box<dyn Provider>, SettingError> {
     settings.options.refuse_all(KIND.name)?;
-    Ok(Box::new(Slack {
-        keys: Sha256Keys::new(settings.secrets.iter().copied()),
-        tolerance: settings.tolerance,
-        unique: [HeaderName::from_static(SIGNATURE_HEADER), HeaderName::from_static(TIMESTAMP_HEADER)],
-    }))
+    let names = [SIGNATURE_HEADER, TIMESTAMP_HEADER].map(HeaderName::from_static);
+    let keys = Sha256Keys::new(settings.secrets.iter().copied());
+    let shape = Shape {
+        single: names.to_vec(),
+        event_header: None,
+        known_events: KNOWN_EVENTS,
+        secret_count: keys.len(),
+    };
+    Ok(Box::new(Slack { keys, tolerance: settings.tolerance, names, shape }))
 }
 
 /// A Slack source's verifier.
@@ -68,20 +72,13 @@ fn build(settings: &ProviderSettings<'_>) -> Result<Box<dyn Provider>, SettingEr
 struct Slack {
     keys: Sha256Keys,
     tolerance: Option<Duration>,
-    unique: [HeaderName; 2],
+    names: [HeaderName; 2],
+    shape: Shape,
 }
 
 impl Provider for Slack {
-    fn unique_headers(&self) -> &[HeaderName] {
-        &self.unique
-    }
-
-    fn secret_count(&self) -> usize {
-        self.keys.len()
-    }
-
-    fn known_events(&self) -> &'static [&'static str] {
-        KNOWN_EVENTS
+    fn shape(&self) -> &Shape {
+        &self.shape
     }
 
     fn verify<'a>(
@@ -90,7 +87,7 @@ impl Provider for Slack {
         body: &'a [u8],
         now: SystemTime,
     ) -> Result<Verified<'a>, VerifyError> {
-        let [signature, timestamp] = &self.unique;
+        let [signature, timestamp] = &self.names;
         let sig = header(headers, signature).ok_or(SignatureError::Missing)?.trim_ascii();
         let digest = sig.strip_prefix(PREFIX).and_then(hex_digest::<32>).ok_or(SignatureError::Malformed)?;
         let ts = header(headers, timestamp).map(<[u8]>::trim_ascii);

@@ -11,7 +11,7 @@ use hmac::Hmac;
 use super::event::{self, EventSource};
 use super::keys::{Sha256Keys, base64, base64_digest, mac};
 use super::{
-    HeaderLines, HeaderMap, HeaderName, Kind, Provider, ProviderSettings, SettingError, SignInput,
+    HeaderLines, HeaderMap, HeaderName, Kind, Provider, ProviderSettings, SettingError, Shape, SignInput,
     SignatureError, Verified, VerifyError, check_timestamp, header, json,
 };
 
@@ -43,11 +43,11 @@ fn build(settings: &ProviderSettings<'_>) -> Result<Box<dyn Provider>, SettingEr
             problem: "a standard-webhooks secret is `whsec_` followed by base64".into(),
         })?);
     }
-    Ok(Box::new(Standard {
-        keys: Sha256Keys::new(keys.iter().map(Vec::as_slice)),
-        tolerance: settings.tolerance,
-        unique: NAMES.map(HeaderName::from_static),
-    }))
+    let names = NAMES.map(HeaderName::from_static);
+    let keys = Sha256Keys::new(keys.iter().map(Vec::as_slice));
+    let shape =
+        Shape { single: names.to_vec(), event_header: None, known_events: &[], secret_count: keys.len() };
+    Ok(Box::new(Standard { keys, tolerance: settings.tolerance, names, shape }))
 }
 
 /// A Standard Webhooks source's verifier.
@@ -55,20 +55,13 @@ fn build(settings: &ProviderSettings<'_>) -> Result<Box<dyn Provider>, SettingEr
 struct Standard {
     keys: Sha256Keys,
     tolerance: Option<Duration>,
-    unique: [HeaderName; 6],
+    names: [HeaderName; 6],
+    shape: Shape,
 }
 
 impl Provider for Standard {
-    fn unique_headers(&self) -> &[HeaderName] {
-        &self.unique
-    }
-
-    fn secret_count(&self) -> usize {
-        self.keys.len()
-    }
-
-    fn known_events(&self) -> &'static [&'static str] {
-        &[]
+    fn shape(&self) -> &Shape {
+        &self.shape
     }
 
     fn verify<'a>(
@@ -78,7 +71,7 @@ impl Provider for Standard {
         now: SystemTime,
     ) -> Result<Verified<'a>, VerifyError> {
         // The `webhook-*` set when any of it is there, else the `svix-*` one.
-        let [wid, wts, wsig, sid, sts, ssig] = &self.unique;
+        let [wid, wts, wsig, sid, sts, ssig] = &self.names;
         let standard = [wid, wts, wsig].iter().any(|n| headers.contains_key(*n));
         let (id, ts, sig) = if standard { (wid, wts, wsig) } else { (sid, sts, ssig) };
         let sig = header(headers, sig).ok_or(SignatureError::Missing)?;

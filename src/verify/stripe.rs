@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 use super::event::{self, EventSource};
 use super::keys::{Sha256Keys, hex_digest, mac};
 use super::{
-    HeaderLines, HeaderMap, HeaderName, Kind, Provider, ProviderSettings, SettingError, SignInput,
+    HeaderLines, HeaderMap, HeaderName, Kind, Provider, ProviderSettings, SettingError, Shape, SignInput,
     SignatureError, Verified, VerifyError, check_timestamp, header, json,
 };
 
@@ -72,11 +72,15 @@ pub const KNOWN_EVENTS: &[&str] = &[
 
 fn build(settings: &ProviderSettings<'_>) -> Result<Box<dyn Provider>, SettingError> {
     settings.options.refuse_all(KIND.name)?;
-    Ok(Box::new(Stripe {
-        keys: Sha256Keys::new(settings.secrets.iter().copied()),
-        tolerance: settings.tolerance,
-        unique: [HeaderName::from_static(SIGNATURE_HEADER)],
-    }))
+    let name = HeaderName::from_static(SIGNATURE_HEADER);
+    let keys = Sha256Keys::new(settings.secrets.iter().copied());
+    let shape = Shape {
+        single: vec![name.clone()],
+        event_header: None,
+        known_events: KNOWN_EVENTS,
+        secret_count: keys.len(),
+    };
+    Ok(Box::new(Stripe { keys, tolerance: settings.tolerance, name, shape }))
 }
 
 /// A Stripe source's verifier.
@@ -84,7 +88,8 @@ fn build(settings: &ProviderSettings<'_>) -> Result<Box<dyn Provider>, SettingEr
 struct Stripe {
     keys: Sha256Keys,
     tolerance: Option<Duration>,
-    unique: [HeaderName; 1],
+    name: HeaderName,
+    shape: Shape,
 }
 
 /// The parts of a `Stripe-Signature` header.
@@ -126,16 +131,8 @@ fn parse(value: &[u8]) -> Result<Parsed<'_>, SignatureError> {
 }
 
 impl Provider for Stripe {
-    fn unique_headers(&self) -> &[HeaderName] {
-        &self.unique
-    }
-
-    fn secret_count(&self) -> usize {
-        self.keys.len()
-    }
-
-    fn known_events(&self) -> &'static [&'static str] {
-        KNOWN_EVENTS
+    fn shape(&self) -> &Shape {
+        &self.shape
     }
 
     fn verify<'a>(
@@ -144,7 +141,7 @@ impl Provider for Stripe {
         body: &'a [u8],
         now: SystemTime,
     ) -> Result<Verified<'a>, VerifyError> {
-        let value = header(headers, &self.unique[0]).ok_or(SignatureError::Missing)?;
+        let value = header(headers, &self.name).ok_or(SignatureError::Missing)?;
         let parsed = parse(value)?;
         // Shape first (a malformed `t` is malformed, not stale), then the MAC, then the
         // time: a forged request with an old `t` counts as a mismatch.

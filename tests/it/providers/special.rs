@@ -190,3 +190,36 @@ async fn sign_prints_any_kinds_headers() {
     assert_eq!(answer_id(&answer), delivery_event_id("gh", "d-42"));
     relay.stop_and_cleanup().await;
 }
+
+/// An unknown kind stops `check-config` (and start-up) with exit 2 naming the key; a
+/// configuration with every kind passes.
+#[test]
+fn check_config_refuses_an_unknown_kind_and_accepts_every_kind() {
+    use std::process::Command;
+    let dir = temp_dir("hr-kinds");
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "[sources.pay]\nkind = \"strype\"\nsecrets = \"s-NOT-REAL\"\n").unwrap();
+    let out = Command::new(BIN).arg("--config").arg(&bad).arg("check-config").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("sources.pay.kind") && err.contains("strype") && err.contains("stripe"), "{err}");
+    assert!(!err.contains("s-NOT-REAL"), "{err}");
+
+    let good = dir.join("good.toml");
+    let text = [
+        "[sources.a]\nkind = \"patreon\"\nsecrets = \"s\"\n",
+        "[sources.b]\nkind = \"github\"\nsecrets = \"s\"\n",
+        "[sources.c]\nkind = \"stripe\"\nsecrets = \"whsec_s\"\ntolerance_secs = 0\n",
+        "[sources.d]\nkind = \"shopify\"\nsecrets = \"s\"\n",
+        "[sources.e]\nkind = \"slack\"\nsecrets = \"s\"\ntolerance_secs = 60\n",
+        &format!("[sources.f]\nkind = \"standard-webhooks\"\nsecrets = \"{SW_NEW}\"\ntype_prefix = \"com.example\"\n"),
+        "[sources.g]\nkind = \"hmac\"\nsecrets = \"s\"\nsignature_header = \"X-Sig\"\nalgorithm = \"md5\"\n",
+    ]
+    .concat();
+    std::fs::write(&good, text).unwrap();
+    let out = Command::new(BIN).arg("--config").arg(&good).arg("check-config").output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{said}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(said.contains("7 source(s)"), "{said}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
