@@ -3,11 +3,18 @@
 //! time; stops by itself.
 //!
 //! ```sh
-//! cargo run --release --example soak -- --events 100000 --concurrency 32 --cut-every-ms 1000
+//! cargo run --release --example soak -- --events 100000 --concurrency 32 --cut-every-ms 1000 \
+//!     --blackhole-every-ms 3000 --blackhole-ms 2500
 //! ```
 //!
+//! With `--blackhole-every-ms`, silent faults are mixed in: every so often the live
+//! connection goes silent for good (or, every other time, half-open) for
+//! `--blackhole-ms`, with no cut meanwhile, and new connections are held until the
+//! path is back (see `tests/it/proxy.rs`).
+//!
 //! Prints: sent, answered 2xx, found, lost (2xx but not in the queue: must be 0),
-//! duplicates (same event id twice; expected after cuts, dropped by consumers).
+//! duplicates (same event id twice; expected after cuts, dropped by consumers), the
+//! cuts and silences, connection replacements by cause, and answer times.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -38,6 +45,8 @@ struct Args {
     events: u64,
     concurrency: u64,
     cut_every: Duration,
+    blackhole_every: Option<Duration>,
+    blackhole: Duration,
     max_seconds: u64,
     amqp: String,
 }
@@ -47,6 +56,8 @@ fn args() -> anyhow::Result<Args> {
         events: 100_000,
         concurrency: 32,
         cut_every: Duration::from_millis(1000),
+        blackhole_every: None,
+        blackhole: Duration::from_millis(2500),
         max_seconds: 600,
         amqp: "127.0.0.1:5672".into(),
     };
@@ -57,10 +68,13 @@ fn args() -> anyhow::Result<Args> {
             "--events" => a.events = value.parse()?,
             "--concurrency" => a.concurrency = value.parse()?,
             "--cut-every-ms" => a.cut_every = Duration::from_millis(value.parse()?),
+            "--blackhole-every-ms" => a.blackhole_every = Some(Duration::from_millis(value.parse()?)),
+            "--blackhole-ms" => a.blackhole = Duration::from_millis(value.parse()?),
             "--max-seconds" => a.max_seconds = value.parse()?,
             "--broker" => a.amqp = value,
             other => anyhow::bail!(
-                "unknown flag {other} (--events, --concurrency, --cut-every-ms, --max-seconds, --broker HOST:PORT)"
+                "unknown flag {other} (--events, --concurrency, --cut-every-ms, --blackhole-every-ms, \
+                 --blackhole-ms, --max-seconds, --broker HOST:PORT)"
             ),
         }
     }
@@ -117,8 +131,32 @@ async fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let next = Arc::new(AtomicU64::new(0));
     let sending = Arc::new(AtomicBool::new(true));
+    // While a silence lasts, no cut: a cut would end it early.
+    let silenced = Arc::new(tokio::sync::Mutex::new(()));
+    let silencer = args.blackhole_every.map(|every| {
+        let (proxy, sending, silenced) = (proxy.clone(), sending.clone(), silenced.clone());
+        let length = args.blackhole;
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while sending.load(Ordering::Relaxed) {
+                tokio::time::sleep(every).await;
+                if !sending.load(Ordering::Relaxed) {
+                    break;
+                }
+                n += 1;
+                let _quiet = silenced.lock().await;
+                if n.is_multiple_of(2) {
+                    proxy.half_open_live()
+                } else {
+                    proxy.silence_live()
+                }
+                tokio::time::sleep(length).await;
+                proxy.set(Mode::Pass);
+            }
+        })
+    });
     let cutter = {
-        let (proxy, sending) = (proxy.clone(), sending.clone());
+        let (proxy, sending, silenced) = (proxy.clone(), sending.clone(), silenced.clone());
         let every = args.cut_every;
         tokio::spawn(async move {
             let mut n = 0u64;
@@ -127,6 +165,7 @@ async fn main() -> anyhow::Result<()> {
                 if !sending.load(Ordering::Relaxed) {
                     break;
                 }
+                let _cutting = silenced.lock().await;
                 n += 1;
                 if n.is_multiple_of(4) {
                     // Every fourth cut is an outage: refuse reconnects for a while.
@@ -147,6 +186,7 @@ async fn main() -> anyhow::Result<()> {
         senders.push(tokio::spawn(async move {
             let mut accepted = Vec::new();
             let mut other = 0u64;
+            let mut latencies = Vec::new();
             let mut conn: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>> = None;
             loop {
                 let n = next.fetch_add(1, Ordering::Relaxed);
@@ -175,7 +215,10 @@ async fn main() -> anyhow::Result<()> {
                     .header("x-patreon-signature", sig)
                     .body(Full::new(Bytes::from(body)))
                     .expect("valid request");
-                match tx.send_request(req).await {
+                let t0 = Instant::now();
+                let answer = tx.send_request(req).await;
+                latencies.push(t0.elapsed());
+                match answer {
                     Ok(resp) if resp.status() == 200 => {
                         let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
                         let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
@@ -187,21 +230,32 @@ async fn main() -> anyhow::Result<()> {
                     _ => other += 1,
                 }
             }
-            (accepted, other)
+            (accepted, other, latencies)
         }));
     }
     let mut accepted = Vec::new();
     let mut other = 0;
+    let mut latencies = Vec::new();
     for s in senders {
-        let (a, o) = s.await?;
+        let (a, o, l) = s.await?;
         accepted.extend(a);
         other += o;
+        latencies.extend(l);
     }
+    latencies.sort();
+    let pct = |p: usize| latencies.get((latencies.len() * p / 100).min(latencies.len().saturating_sub(1)));
+    let ms = |d: Option<&Duration>| d.map_or(0, Duration::as_millis);
+    let (p50, p99, p999, max) =
+        (ms(pct(50)), ms(pct(99)), ms(latencies.get(latencies.len() * 999 / 1000)), ms(latencies.last()));
     let send_secs = started.elapsed().as_secs_f64();
     sending.store(false, Ordering::Relaxed);
     cutter.await?;
+    if let Some(silencer) = silencer {
+        silencer.await?;
+    }
     proxy.set(Mode::Pass);
     let cuts = proxy.cuts();
+    let silences = proxy.silences();
     let sent = next.load(Ordering::Relaxed).min(args.events);
 
     // Let the spool drain, then count what arrived.
@@ -212,6 +266,21 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let spooled = metric(admin, "hookrelay_spooled_total{source=\"patreon\"}").await.unwrap_or(0.0);
+    let replaced = |cause: &'static str| {
+        metric(
+            admin,
+            match cause {
+                "heartbeat" => "hookrelay_broker_connection_replacements_total{cause=\"heartbeat\"}",
+                "confirm_timeout" => {
+                    "hookrelay_broker_connection_replacements_total{cause=\"confirm_timeout\"}"
+                }
+                _ => "hookrelay_broker_connection_replacements_total{cause=\"closed\"}",
+            },
+        )
+    };
+    let (by_heartbeat, by_confirm, by_close) =
+        (replaced("heartbeat").await, replaced("confirm_timeout").await, replaced("closed").await);
+    let quarantined = metric(admin, "hookrelay_spool_quarantined_total").await.unwrap_or(0.0);
     let conn =
         lapin::Connection::connect(&format!("amqp://guest:guest@{upstream}/%2f"), Default::default()).await?;
     let ch = conn.create_channel().await?;
@@ -244,8 +313,13 @@ async fn main() -> anyhow::Result<()> {
     let lost = want.len() - found;
     println!(
         "sent={sent} answered_2xx={} answered_other={other} found={found} lost={lost} duplicates={duplicates} \
-         connection_cuts={cuts} spooled={spooled} send_seconds={send_secs:.1} events_per_second={:.0}",
+         connection_cuts={cuts} silences={silences} replaced_confirm_timeout={} replaced_heartbeat={} \
+         replaced_closed={} spooled={spooled} quarantined={quarantined} answer_ms_p50={p50} answer_ms_p99={p99} \
+         answer_ms_p999={p999} answer_ms_max={max} send_seconds={send_secs:.1} events_per_second={:.0}",
         accepted.len(),
+        by_confirm.unwrap_or(0.0),
+        by_heartbeat.unwrap_or(0.0),
+        by_close.unwrap_or(0.0),
         sent as f64 / send_secs
     );
 
