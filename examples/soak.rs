@@ -81,6 +81,23 @@ fn args() -> anyhow::Result<Args> {
     Ok(a)
 }
 
+/// Runs `fault(n)` (n = 1, 2, …) every `every` while `sending` holds.
+async fn periodically<F, Fut>(every: Duration, sending: Arc<AtomicBool>, mut fault: F)
+where
+    F: FnMut(u64) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut n = 0u64;
+    while sending.load(Ordering::Relaxed) {
+        tokio::time::sleep(every).await;
+        if !sending.load(Ordering::Relaxed) {
+            break;
+        }
+        n += 1;
+        fault(n).await;
+    }
+}
+
 async fn metric(admin: SocketAddr, name: &str) -> Option<f64> {
     let text = get(admin, "/metrics").await.ok()?;
     text.lines()
@@ -134,16 +151,10 @@ async fn main() -> anyhow::Result<()> {
     // While a silence lasts, no cut: a cut would end it early.
     let silenced = Arc::new(tokio::sync::Mutex::new(()));
     let silencer = args.blackhole_every.map(|every| {
-        let (proxy, sending, silenced) = (proxy.clone(), sending.clone(), silenced.clone());
-        let length = args.blackhole;
-        tokio::spawn(async move {
-            let mut n = 0u64;
-            while sending.load(Ordering::Relaxed) {
-                tokio::time::sleep(every).await;
-                if !sending.load(Ordering::Relaxed) {
-                    break;
-                }
-                n += 1;
+        let (proxy, silenced, length) = (proxy.clone(), silenced.clone(), args.blackhole);
+        tokio::spawn(periodically(every, sending.clone(), move |n| {
+            let (proxy, silenced) = (proxy.clone(), silenced.clone());
+            async move {
                 let _quiet = silenced.lock().await;
                 if n.is_multiple_of(2) {
                     proxy.half_open_live()
@@ -153,20 +164,14 @@ async fn main() -> anyhow::Result<()> {
                 tokio::time::sleep(length).await;
                 proxy.set(Mode::Pass);
             }
-        })
+        }))
     });
     let cutter = {
-        let (proxy, sending, silenced) = (proxy.clone(), sending.clone(), silenced.clone());
-        let every = args.cut_every;
-        tokio::spawn(async move {
-            let mut n = 0u64;
-            while sending.load(Ordering::Relaxed) {
-                tokio::time::sleep(every).await;
-                if !sending.load(Ordering::Relaxed) {
-                    break;
-                }
+        let (proxy, silenced, every) = (proxy.clone(), silenced.clone(), args.cut_every);
+        tokio::spawn(periodically(every, sending.clone(), move |n| {
+            let (proxy, silenced) = (proxy.clone(), silenced.clone());
+            async move {
                 let _cutting = silenced.lock().await;
-                n += 1;
                 if n.is_multiple_of(4) {
                     // Every fourth cut is an outage: refuse reconnects for a while.
                     proxy.set(Mode::Refuse);
@@ -177,7 +182,7 @@ async fn main() -> anyhow::Result<()> {
                     proxy.drop_all();
                 }
             }
-        })
+        }))
     };
     let mut senders = Vec::new();
     for _ in 0..args.concurrency {

@@ -32,8 +32,13 @@ use super::nodes::Nodes;
 use super::policy::{Attempt, Backoff};
 use super::pool::ChannelPool;
 
-/// Longest the connect handshake may take before it counts as a failure.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest the connect handshake may take before it counts as a failure: a healthy
+/// broker answers in milliseconds, and a handshake caught by a silent path must not
+/// hold up the next attempt for long.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest declaring the topology and opening the channels may take (many quorum
+/// queues in a cluster take a while; a silent path must not take forever).
+const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest a clean close may take: at shutdown, or of a condemned connection.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Frame size asked of the broker unless the URL says otherwise (bytes).
@@ -230,12 +235,24 @@ async fn connect(inner: &Inner, url: &SecretString) -> Result<(Arc<Link>, Events
         .map_err(|_| "connect timed out".to_owned())?
         .map_err(|e| e.to_string())?;
     let events: Events = Box::pin(conn.events_listener());
-    if inner.cfg.declare_topology {
-        let ch = conn.create_channel().await.map_err(|e| e.to_string())?;
-        declare(&ch, &inner.topology).await.map_err(|e| format!("declaring the topology failed: {e}"))?;
-        let _ = ch.close(200, "topology declared".into()).await;
-    }
-    let pool = ChannelPool::open(&conn, inner.cfg.channels).await.map_err(|e| e.to_string())?;
+    let setup = async {
+        if inner.cfg.declare_topology {
+            let ch = conn.create_channel().await.map_err(|e| e.to_string())?;
+            declare(&ch, &inner.topology).await.map_err(|e| format!("declaring the topology failed: {e}"))?;
+            let _ = ch.close(200, "topology declared".into()).await;
+        }
+        ChannelPool::open(&conn, inner.cfg.channels).await.map_err(|e| e.to_string())
+    };
+    let pool = match tokio::time::timeout(SETUP_TIMEOUT, setup).await {
+        Ok(pool) => pool?,
+        Err(_) => {
+            // Do not leave a half-set-up connection behind on a path that went silent.
+            tokio::spawn(async move {
+                drop(timeout(CLOSE_TIMEOUT, conn.close(200, "setup timed out".into())).await)
+            });
+            return Err("declaring the topology or opening the channels timed out".to_owned());
+        }
+    };
     let link = Link {
         conn,
         pool,
