@@ -11,8 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use lapin::options::{BasicPublishOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::options::QueueDeleteOptions;
 use tokio::time::Instant;
 
 use crate::faults::{broker_addr, collect_ids, drained};
@@ -177,35 +176,6 @@ async fn a_silent_idle_connection_is_found_by_heartbeats() {
     assert_eq!(lost, 0);
     relay.stop_and_cleanup().await;
     let _ = std::fs::remove_dir_all(spool);
-}
-
-/// A queue holding at most one message that refuses the rest (`reject-publish`),
-/// bound to `exchange` with `key` and filled, so the broker nacks what routes to it.
-async fn full_queue_for(conn: &lapin::Connection, exchange: &str, key: &str) -> String {
-    let ch = conn.create_channel().await.unwrap();
-    ch.confirm_select(Default::default()).await.unwrap();
-    let name = unique("hr-full");
-    let mut args = FieldTable::default();
-    args.insert("x-max-length".into(), AMQPValue::LongInt(1));
-    args.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
-    let opts = QueueDeclareOptions { durable: true, ..Default::default() };
-    ch.queue_declare(name.as_str().into(), opts, args).await.unwrap();
-    ch.queue_bind(
-        name.as_str().into(),
-        exchange.into(),
-        key.into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-    let props = lapin::BasicProperties::default();
-    ch.basic_publish("".into(), name.as_str().into(), BasicPublishOptions::default(), b"filler", props)
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    name
 }
 
 async fn delete_queue(conn: &lapin::Connection, name: &str) {

@@ -9,6 +9,8 @@ use lapin::options::{BasicGetOptions, ExchangeDeleteOptions, QueueDeleteOptions}
 use lapin::{Connection, ConnectionProperties};
 use tokio::time::Instant;
 
+use super::unique;
+
 /// The broker the tests use.
 pub fn amqp_url() -> String {
     std::env::var("HOOKRELAY_TEST_AMQP_URL")
@@ -83,17 +85,24 @@ pub async fn take_messages(
 /// every `patreon.#` event and fills it, so the broker nacks every such publish.
 /// Returns its name; the caller deletes it.
 pub async fn full_queue(conn: &Connection, exchange: &str) -> String {
+    full_queue_for(conn, exchange, "patreon.#").await
+}
+
+/// A queue holding at most one message that refuses the rest (`reject-publish`),
+/// bound to `exchange` with `key` and filled, so the broker nacks what routes to it.
+/// Returns its name; the caller deletes it.
+pub async fn full_queue_for(conn: &Connection, exchange: &str, key: &str) -> String {
     use lapin::options::{BasicPublishOptions, QueueBindOptions, QueueDeclareOptions};
     use lapin::types::{AMQPValue, FieldTable};
     let ch = conn.create_channel().await.unwrap();
-    let full = format!("{exchange}.full");
+    let full = format!("{exchange}.full.{}", unique("q"));
     let mut args = FieldTable::default();
     args.insert("x-max-length".into(), AMQPValue::LongInt(1));
     args.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
     let durable = QueueDeclareOptions { durable: true, ..Default::default() };
     ch.queue_declare(full.as_str().into(), durable, args).await.unwrap();
     let bind = QueueBindOptions::default();
-    ch.queue_bind(full.as_str().into(), exchange.into(), "patreon.#".into(), bind, FieldTable::default())
+    ch.queue_bind(full.as_str().into(), exchange.into(), key.into(), bind, FieldTable::default())
         .await
         .unwrap();
     // Confirmed, so the queue is full before the caller publishes on another connection.
