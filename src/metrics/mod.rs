@@ -33,6 +33,7 @@ pub struct Metrics {
     broker_connected: IntGauge,
     broker_blocked: IntGauge,
     connection_replacements: IntCounterVec,
+    channel_replacements: IntCounter,
     last_confirm_age: prometheus::Gauge,
     spool_events: IntGauge,
     spool_bytes: IntGauge,
@@ -170,6 +171,11 @@ impl Metrics {
                 "hookrelay_broker_connection_replacements_total",
                 "Broker connections the relay declared dead and replaced, by cause (heartbeat, confirm_timeout, closed).",
                 &["cause"],
+            )?,
+            channel_replacements: single_counter(
+                &registry,
+                "hookrelay_broker_channel_replacements_total",
+                "Publishing channels replaced after nacking publishes in a row (e.g. a quorum queue leader lost).",
             )?,
             last_confirm_age: registered(
                 &registry,
@@ -345,6 +351,11 @@ impl Metrics {
     /// [`CONNECTION_REPLACEMENT_CAUSES`].
     pub fn connection_replaced(&self, cause: &'static str) {
         self.connection_replacements.with_label_values(&[cause]).inc();
+    }
+
+    /// A publishing channel nacked publishes in a row and was replaced.
+    pub fn channel_replaced(&self) {
+        self.channel_replacements.inc();
     }
 
     /// Time since the broker last confirmed a publish.

@@ -87,12 +87,15 @@ pub fn return_key(exchange: &str, source: &str) -> String {
     format!("{exchange}.{source}.return")
 }
 
+/// The queue argument setting a quorum queue's members at creation.
+pub const GROUP_SIZE_ARG: &str = "x-quorum-initial-group-size";
+
 /// The arguments that make a queue a quorum queue, with its initial group size when
 /// configured.
 fn quorum(cfg: &AmqpConfig) -> Vec<(&'static str, Arg)> {
     let mut args = vec![("x-queue-type", Arg::Str("quorum".into()))];
     if let Some(n) = cfg.quorum_initial_group_size {
-        args.push(("x-quorum-initial-group-size", Arg::Int(i64::from(n))));
+        args.push((GROUP_SIZE_ARG, Arg::Int(i64::from(n))));
     }
     args
 }

@@ -224,3 +224,32 @@ async fn a_list_whose_first_node_is_down_connects_to_the_next() {
     delete_topology(&conn, &exchange).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the 3-node test cluster: bash tests/cluster/run.sh"]
+async fn relays_starting_together_declare_the_same_topology_without_a_failure() {
+    let cluster = Cluster::from_env();
+    let dir = temp_dir("hr-cluster");
+    let exchange = unique("hr-cluster");
+    let mut relays: Vec<RelayProc> = (0..4)
+        .map(|i| RelayProc::spawn(&dir, &format!("together-{i}"), &exchange, &cluster.urls, GROUP_OF_3))
+        .collect();
+    for r in &mut relays {
+        r.await_connected(Duration::from_secs(30)).await;
+    }
+    // A relay without the group size setting later finds the queues as they are.
+    let mut late = RelayProc::spawn(&dir, "late", &exchange, &cluster.urls, &[]);
+    late.await_connected(Duration::from_secs(30)).await;
+    relays.push(late);
+    for r in &mut relays {
+        r.child.stop().await;
+        let log = r.child.output();
+        assert!(!log.contains("declaring the topology failed"), "{log}");
+        assert_eq!(log.matches("Connected to the broker.").count(), 1, "connected at the first try: {log}");
+    }
+    let (_, members) = cluster.quorum(&format!("{exchange}.patreon")).await.expect("the source queue exists");
+    assert_eq!(members, 3);
+    let conn = report::connect_any(&cluster.urls).await;
+    delete_topology(&conn, &exchange).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -212,6 +212,29 @@ async fn refused_events_are_dead_lettered_with_their_reason() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_that_keeps_nacking_is_replaced_and_publishing_goes_on() {
+    let relay = Relay::start().await;
+    let conn = broker().await;
+    let full = full_queue(&conn, &relay.exchange).await;
+    // Enough at once that every pooled channel nacks three in a row.
+    let posts: Vec<_> = (0..16).map(|n| tokio::spawn(post_signed(relay.ingest, n))).collect();
+    for p in posts {
+        assert_eq!(p.await.unwrap().0, 200, "dead-lettered after its nacks");
+    }
+    assert!(relay.metric("hookrelay_broker_channel_replacements_total", &[]).await >= 1.0);
+    let ch = conn.create_channel().await.unwrap();
+    let _ = ch.queue_delete(full.as_str().into(), Default::default()).await;
+    // Only the full queue refused: the source queue holds a copy of every attempt.
+    ch.queue_purge(relay.queue("patreon").as_str().into(), Default::default()).await.unwrap();
+    // The fresh channels publish normally.
+    let (status, id) = post_signed(relay.ingest, 99).await;
+    assert_eq!(status, 200);
+    let got = take_messages(&conn, &relay.queue("patreon"), 1, Duration::from_secs(10)).await;
+    assert_eq!(got[0].properties.message_id().as_ref().unwrap().as_str(), id.unwrap());
+    relay.stop_and_cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unrouted_events_are_kept_in_the_unrouted_queue() {
     let relay = Relay::start().await;
     let conn = broker().await;

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::Inner;
-use super::declare::declare;
+use super::declare::declare_on;
 use super::nodes::Nodes;
 use super::policy::{Attempt, Backoff};
 use super::pool::ChannelPool;
@@ -237,9 +237,9 @@ async fn connect(inner: &Inner, url: &SecretString) -> Result<(Arc<Link>, Events
     let events: Events = Box::pin(conn.events_listener());
     let setup = async {
         if inner.cfg.declare_topology {
-            let ch = conn.create_channel().await.map_err(|e| e.to_string())?;
-            declare(&ch, &inner.topology).await.map_err(|e| format!("declaring the topology failed: {e}"))?;
-            let _ = ch.close(200, "topology declared".into()).await;
+            declare_on(&conn, &inner.topology)
+                .await
+                .map_err(|e| format!("declaring the topology failed: {e}"))?;
         }
         ChannelPool::open(&conn, inner.cfg.channels).await.map_err(|e| e.to_string())
     };

@@ -179,7 +179,9 @@ impl AmqpPublisher {
         self.inner.state.confirmed(&link);
         self.inner.metrics.confirm_latency(source, started.elapsed());
         if let Confirmation::Nack(_) = confirmation {
-            link.pool().nacked(link.connection(), &ch, deadline).await;
+            if link.pool().nacked(link.connection(), &ch, deadline).await {
+                self.inner.metrics.channel_replaced();
+            }
         } else {
             link.pool().acked(&ch);
         }

@@ -95,15 +95,16 @@ impl ChannelPool {
 
     /// The broker nacked a publish on `ch`. After [`NACKS_BEFORE_REPLACING`] in a row
     /// the channel is replaced by a fresh one (within `deadline`); the old one stays
-    /// open a while for the confirms still in flight on it, then is closed.
-    pub async fn nacked(&self, conn: &Connection, ch: &Channel, deadline: Instant) {
-        let Some(slot) = self.slot_of(ch) else { return };
+    /// open a while for the confirms still in flight on it, then is closed. True when
+    /// this call replaced it.
+    pub async fn nacked(&self, conn: &Connection, ch: &Channel, deadline: Instant) -> bool {
+        let Some(slot) = self.slot_of(ch) else { return false };
         if slot.nacks.fetch_add(1, Ordering::Relaxed) + 1 < NACKS_BEFORE_REPLACING {
-            return;
+            return false;
         }
-        let Ok(_guard) = timeout_at(deadline, slot.repair.lock()).await else { return };
+        let Ok(_guard) = timeout_at(deadline, slot.repair.lock()).await else { return false };
         if slot.get().id() != ch.id() || !conn.status().connected() {
-            return; // replaced meanwhile, or the whole connection is going
+            return false; // replaced meanwhile, or the whole connection is going
         }
         match timeout_at(deadline, open_confirm_channel(conn)).await {
             Ok(Ok(fresh)) => {
@@ -117,9 +118,13 @@ impl ChannelPool {
                     tokio::time::sleep(REPLACED_CHANNEL_GRACE).await;
                     let _ = old.close(200, "replaced after repeated nacks".into()).await;
                 });
+                true
             }
-            Ok(Err(error)) => debug!(%error, "Cannot open a channel to replace a nacking one."),
-            Err(_) => {}
+            Ok(Err(error)) => {
+                debug!(%error, "Cannot open a channel to replace a nacking one.");
+                false
+            }
+            Err(_) => false,
         }
     }
 
