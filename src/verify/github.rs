@@ -11,8 +11,8 @@ use std::time::SystemTime;
 use super::event::{self, EventSource};
 use super::keys::{Sha256Keys, hex_digest, mac};
 use super::{
-    Data, HeaderLines, HeaderMap, HeaderName, Kind, Provider, ProviderSettings, SettingError, Shape,
-    SignInput, SignatureError, Verified, VerifyError, data_for, header, json,
+    Data, HeaderLines, HeaderMap, HeaderName, Kind, Outcome, Provider, ProviderSettings, SettingError, Shape,
+    SignInput, SignatureError, Verified, data_for, header, json,
 };
 
 /// Header carrying `sha256=<hex>`.
@@ -103,12 +103,7 @@ impl Provider for GitHub {
         &self.shape
     }
 
-    fn verify<'a>(
-        &self,
-        headers: &'a HeaderMap,
-        body: &'a [u8],
-        _now: SystemTime,
-    ) -> Result<Verified<'a>, VerifyError> {
+    fn verify<'a>(&self, headers: &'a HeaderMap, body: &'a [u8], _now: SystemTime) -> Outcome<'a> {
         let [signature, event, delivery] = &self.names;
         let sig = header(headers, signature).ok_or(SignatureError::Missing)?.trim_ascii();
         let digest = sig.strip_prefix(PREFIX).and_then(hex_digest::<32>).ok_or(SignatureError::Malformed)?;
@@ -157,6 +152,7 @@ fn sign_headers(input: &SignInput<'_>) -> Result<HeaderLines, SettingError> {
 mod tests {
     use super::*;
     use crate::verify::EventError;
+    use crate::verify::VerifyError;
     use crate::verify::testing::{at, build, headers, vector, vector_body, vector_headers};
 
     fn bad_action() -> VerifyError {

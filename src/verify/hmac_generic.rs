@@ -19,8 +19,8 @@ use sha2::{Sha256, Sha512};
 use super::event::{self, EventSource};
 use super::keys::{Keys, base64, mac};
 use super::{
-    Data, HeaderLines, HeaderMap, HeaderName, Kind, Provider, ProviderSettings, SettingError, Shape,
-    SignInput, SignatureError, Verified, VerifyError, data_for, header, json,
+    Data, HeaderLines, HeaderMap, HeaderName, Kind, Outcome, Provider, ProviderSettings, SettingError, Shape,
+    SignInput, SignatureError, Verified, data_for, header, json,
 };
 
 /// The `hmac` kind.
@@ -232,12 +232,7 @@ impl Provider for Generic {
         &self.shape
     }
 
-    fn verify<'a>(
-        &self,
-        headers: &'a HeaderMap,
-        body: &'a [u8],
-        _now: SystemTime,
-    ) -> Result<Verified<'a>, VerifyError> {
+    fn verify<'a>(&self, headers: &'a HeaderMap, body: &'a [u8], _now: SystemTime) -> Outcome<'a> {
         let value = header(headers, &self.signature).ok_or(SignatureError::Missing)?;
         let (digest, len) = self.decode(value).ok_or(SignatureError::Malformed)?;
         if !self.keys.any_matches(body, &digest[..len]) {
@@ -293,6 +288,7 @@ mod tests {
     use super::*;
     use crate::verify::EventError;
     use crate::verify::KindOptions;
+    use crate::verify::VerifyError;
     use crate::verify::testing::{at, build_with, headers, vector, vector_body, vector_headers};
 
     fn options(pairs: &[(&str, &str)]) -> KindOptions {

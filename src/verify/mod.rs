@@ -223,13 +223,11 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
 
     /// Checks the signature first (nothing of an unauthenticated body is examined),
     /// then reads the event name, delivery id and subject.
-    fn verify<'a>(
-        &self,
-        headers: &'a HeaderMap,
-        body: &'a [u8],
-        now: SystemTime,
-    ) -> Result<Verified<'a>, VerifyError>;
+    fn verify<'a>(&self, headers: &'a HeaderMap, body: &'a [u8], now: SystemTime) -> Outcome<'a>;
 }
+
+/// What [`Provider::verify`] returns.
+pub type Outcome<'a> = Result<Verified<'a>, VerifyError>;
 
 /// The per-kind settings a source may carry (only the `hmac` kind reads the optional
 /// ones; every other kind refuses them).

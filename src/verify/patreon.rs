@@ -13,8 +13,8 @@ use md5::Md5;
 use super::event::{EventError, EventSource};
 use super::keys::{Keys, hex_digest, mac};
 use super::{
-    HeaderLines, HeaderMap, HeaderName, Kind, Provider, ProviderSettings, SettingError, Shape, SignInput,
-    SignatureError, Trigger, TriggerError, Verified, VerifyError, header, json,
+    HeaderLines, HeaderMap, HeaderName, Kind, Outcome, Provider, ProviderSettings, SettingError, Shape,
+    SignInput, SignatureError, Trigger, TriggerError, Verified, VerifyError, header, json,
 };
 
 /// Header carrying the hex HMAC-MD5 digest.
@@ -112,12 +112,7 @@ impl Provider for PatreonVerifier {
         &self.shape
     }
 
-    fn verify<'a>(
-        &self,
-        headers: &'a HeaderMap,
-        body: &'a [u8],
-        _now: SystemTime,
-    ) -> Result<Verified<'a>, VerifyError> {
+    fn verify<'a>(&self, headers: &'a HeaderMap, body: &'a [u8], _now: SystemTime) -> Outcome<'a> {
         let [signature, event] = &self.names;
         PatreonVerifier::verify(self, header(headers, signature), header(headers, event), body)
     }

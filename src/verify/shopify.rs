@@ -8,8 +8,8 @@ use std::time::SystemTime;
 use super::event::{self, EventSource};
 use super::keys::{Sha256Keys, base64, base64_digest, mac};
 use super::{
-    HeaderLines, HeaderMap, HeaderName, Kind, Provider, ProviderSettings, SettingError, Shape, SignInput,
-    SignatureError, Verified, VerifyError, header, json,
+    HeaderLines, HeaderMap, HeaderName, Kind, Outcome, Provider, ProviderSettings, SettingError, Shape,
+    SignInput, SignatureError, Verified, header, json,
 };
 
 /// Header carrying the base64 digest.
@@ -85,12 +85,7 @@ impl Provider for Shopify {
         &self.shape
     }
 
-    fn verify<'a>(
-        &self,
-        headers: &'a HeaderMap,
-        body: &'a [u8],
-        _now: SystemTime,
-    ) -> Result<Verified<'a>, VerifyError> {
+    fn verify<'a>(&self, headers: &'a HeaderMap, body: &'a [u8], _now: SystemTime) -> Outcome<'a> {
         let [signature, topic, event_id, webhook_id] = &self.names;
         let sig = header(headers, signature).ok_or(SignatureError::Missing)?;
         let digest = base64_digest::<32>(sig).ok_or(SignatureError::Malformed)?;
@@ -125,6 +120,7 @@ fn sign_headers(input: &SignInput<'_>) -> Result<HeaderLines, SettingError> {
 mod tests {
     use super::*;
     use crate::verify::EventError;
+    use crate::verify::VerifyError;
     use crate::verify::testing::{at, build, headers, vector, vector_body, vector_headers};
 
     #[test]

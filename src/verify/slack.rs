@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 use super::event::{self, EventSource};
 use super::keys::{Sha256Keys, hex_digest, mac};
 use super::{
-    Data, HeaderLines, HeaderMap, HeaderName, Kind, Provider, ProviderSettings, SettingError, Shape,
+    Data, HeaderLines, HeaderMap, HeaderName, Kind, Outcome, Provider, ProviderSettings, SettingError, Shape,
     SignInput, SignatureError, Verified, VerifyError, check_timestamp, data_for, header, json,
 };
 
@@ -81,12 +81,7 @@ impl Provider for Slack {
         &self.shape
     }
 
-    fn verify<'a>(
-        &self,
-        headers: &'a HeaderMap,
-        body: &'a [u8],
-        now: SystemTime,
-    ) -> Result<Verified<'a>, VerifyError> {
+    fn verify<'a>(&self, headers: &'a HeaderMap, body: &'a [u8], now: SystemTime) -> Outcome<'a> {
         let [signature, timestamp] = &self.names;
         let sig = header(headers, signature).ok_or(SignatureError::Missing)?.trim_ascii();
         let digest = sig.strip_prefix(PREFIX).and_then(hex_digest::<32>).ok_or(SignatureError::Malformed)?;

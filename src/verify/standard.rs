@@ -11,8 +11,8 @@ use hmac::Hmac;
 use super::event::{self, EventSource};
 use super::keys::{Sha256Keys, base64, base64_digest, mac};
 use super::{
-    HeaderLines, HeaderMap, HeaderName, Kind, Provider, ProviderSettings, SettingError, Shape, SignInput,
-    SignatureError, Verified, VerifyError, check_timestamp, header, json,
+    HeaderLines, HeaderMap, HeaderName, Kind, Outcome, Provider, ProviderSettings, SettingError, Shape,
+    SignInput, SignatureError, Verified, check_timestamp, header, json,
 };
 
 /// Most `v1` entries looked at in one header.
@@ -64,12 +64,7 @@ impl Provider for Standard {
         &self.shape
     }
 
-    fn verify<'a>(
-        &self,
-        headers: &'a HeaderMap,
-        body: &'a [u8],
-        now: SystemTime,
-    ) -> Result<Verified<'a>, VerifyError> {
+    fn verify<'a>(&self, headers: &'a HeaderMap, body: &'a [u8], now: SystemTime) -> Outcome<'a> {
         // The `webhook-*` set when any of it is there, else the `svix-*` one.
         let [wid, wts, wsig, sid, sts, ssig] = &self.names;
         let standard = [wid, wts, wsig].iter().any(|n| headers.contains_key(*n));
@@ -129,6 +124,7 @@ fn sign_headers(input: &SignInput<'_>) -> Result<HeaderLines, SettingError> {
 mod tests {
     use super::*;
     use crate::verify::EventError;
+    use crate::verify::VerifyError;
     use crate::verify::testing::{at, build, headers, vector, vector_body, vector_headers};
 
     fn check(p: &dyn Provider, h: &HeaderMap, body: &[u8], now: u64) -> Result<(), VerifyError> {

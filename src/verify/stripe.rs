@@ -12,8 +12,8 @@ use std::time::{Duration, SystemTime};
 use super::event::{self, EventSource};
 use super::keys::{Sha256Keys, hex_digest, mac};
 use super::{
-    HeaderLines, HeaderMap, HeaderName, Kind, Provider, ProviderSettings, SettingError, Shape, SignInput,
-    SignatureError, Verified, VerifyError, check_timestamp, header, json,
+    HeaderLines, HeaderMap, HeaderName, Kind, Outcome, Provider, ProviderSettings, SettingError, Shape,
+    SignInput, SignatureError, Verified, check_timestamp, header, json,
 };
 
 /// Header carrying `t=…,v1=…`.
@@ -135,12 +135,7 @@ impl Provider for Stripe {
         &self.shape
     }
 
-    fn verify<'a>(
-        &self,
-        headers: &'a HeaderMap,
-        body: &'a [u8],
-        now: SystemTime,
-    ) -> Result<Verified<'a>, VerifyError> {
+    fn verify<'a>(&self, headers: &'a HeaderMap, body: &'a [u8], now: SystemTime) -> Outcome<'a> {
         let value = header(headers, &self.name).ok_or(SignatureError::Missing)?;
         let parsed = parse(value)?;
         // Shape first (a malformed `t` is malformed, not stale), then the MAC, then the
@@ -183,6 +178,7 @@ fn sign_headers(input: &SignInput<'_>) -> Result<HeaderLines, SettingError> {
 mod tests {
     use super::*;
     use crate::verify::EventError;
+    use crate::verify::VerifyError;
     use crate::verify::testing::{at, build, build_with, headers, vector, vector_body};
 
     fn check(p: &dyn Provider, sig: &str, body: &[u8], now: u64) -> Result<String, VerifyError> {
