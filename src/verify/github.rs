@@ -81,12 +81,7 @@ fn build(settings: &ProviderSettings<'_>) -> Result<Box<dyn Provider>, SettingEr
     settings.options.refuse_all(KIND.name)?;
     let names = [SIGNATURE_HEADER, EVENT_HEADER, DELIVERY_HEADER].map(HeaderName::from_static);
     let keys = Sha256Keys::new(settings.secrets.iter().copied());
-    let shape = Shape {
-        single: names.to_vec(),
-        event_header: Some((names[1].clone(), EVENT_SOURCE)),
-        known_events: KNOWN_EVENTS,
-        secret_count: keys.len(),
-    };
+    let shape = Shape::new(&names, Some((1, EVENT_SOURCE)), KNOWN_EVENTS, keys.len());
     Ok(Box::new(GitHub { keys, names, shape }))
 }
 

@@ -202,6 +202,18 @@ pub struct Shape {
 }
 
 impl Shape {
+    /// Single headers `names`; `event` says which of them names the event (an index
+    /// into `names`) and how refusals call it.
+    pub fn new(
+        names: &[HeaderName],
+        event: Option<(usize, EventSource)>,
+        known_events: &'static [&'static str],
+        secret_count: usize,
+    ) -> Shape {
+        let event_header = event.map(|(i, source)| (names[i].clone(), source));
+        Shape { single: names.to_vec(), event_header, known_events, secret_count }
+    }
+
     /// What a repeat of `name` (one of [`Shape::single`]) is refused as.
     pub fn repeated(&self, name: &HeaderName) -> VerifyError {
         match &self.event_header {

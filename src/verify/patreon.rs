@@ -58,12 +58,7 @@ impl PatreonVerifier {
     pub fn new<'s>(secrets: impl IntoIterator<Item = &'s [u8]>) -> Self {
         let names = [SIGNATURE_HEADER, EVENT_HEADER].map(HeaderName::from_static);
         let keys: Keys<Hmac<Md5>> = Keys::new(secrets);
-        let shape = Shape {
-            single: names.to_vec(),
-            event_header: Some((names[1].clone(), EVENT_SOURCE)),
-            known_events: &super::trigger::NAMES,
-            secret_count: keys.len(),
-        };
+        let shape = Shape::new(&names, Some((1, EVENT_SOURCE)), &super::trigger::NAMES, keys.len());
         PatreonVerifier { keys, names, shape }
     }
 

@@ -58,12 +58,7 @@ fn build(settings: &ProviderSettings<'_>) -> Result<Box<dyn Provider>, SettingEr
     settings.options.refuse_all(KIND.name)?;
     let names = [SIGNATURE_HEADER, TIMESTAMP_HEADER].map(HeaderName::from_static);
     let keys = Sha256Keys::new(settings.secrets.iter().copied());
-    let shape = Shape {
-        single: names.to_vec(),
-        event_header: None,
-        known_events: KNOWN_EVENTS,
-        secret_count: keys.len(),
-    };
+    let shape = Shape::new(&names, None, KNOWN_EVENTS, keys.len());
     Ok(Box::new(Slack { keys, tolerance: settings.tolerance, names, shape }))
 }
 

@@ -45,8 +45,7 @@ fn build(settings: &ProviderSettings<'_>) -> Result<Box<dyn Provider>, SettingEr
     }
     let names = NAMES.map(HeaderName::from_static);
     let keys = Sha256Keys::new(keys.iter().map(Vec::as_slice));
-    let shape =
-        Shape { single: names.to_vec(), event_header: None, known_events: &[], secret_count: keys.len() };
+    let shape = Shape::new(&names, None, &[], keys.len());
     Ok(Box::new(Standard { keys, tolerance: settings.tolerance, names, shape }))
 }
 

@@ -74,12 +74,7 @@ fn build(settings: &ProviderSettings<'_>) -> Result<Box<dyn Provider>, SettingEr
     settings.options.refuse_all(KIND.name)?;
     let name = HeaderName::from_static(SIGNATURE_HEADER);
     let keys = Sha256Keys::new(settings.secrets.iter().copied());
-    let shape = Shape {
-        single: vec![name.clone()],
-        event_header: None,
-        known_events: KNOWN_EVENTS,
-        secret_count: keys.len(),
-    };
+    let shape = Shape::new(std::slice::from_ref(&name), None, KNOWN_EVENTS, keys.len());
     Ok(Box::new(Stripe { keys, tolerance: settings.tolerance, name, shape }))
 }
 
