@@ -40,9 +40,11 @@ fn events() -> u64 {
 
 #[derive(Debug, Clone, Copy)]
 enum Fault {
-    /// SIGKILL the node leading the source's quorum queue; restart it 10 s later.
+    /// SIGKILL the node leading the source's quorum queue (not one the relays use);
+    /// restart it 10 s later.
     KillLeader,
-    /// SIGKILL the node each relay is connected to; restart it.
+    /// SIGKILL the node each relay is connected to (relay A's also leads the queue);
+    /// restart it.
     KillConnected,
     /// `rabbitmqctl stop_app` on the node the first relay uses; `start_app` 10 s later.
     StopApp,
@@ -56,7 +58,7 @@ async fn inject(cluster: &Cluster, fault: Fault, queue: &str, relays: &[&RelayPr
             cluster.kill(n).await;
             sleep(DOWN_FOR).await;
             cluster.start(n).await;
-            format!("SIGKILL queue leader (node {n}), restart 10 s later")
+            format!("SIGKILL queue leader (node {n}, no relay's), restart 10 s later")
         }
         Fault::KillConnected => {
             let mut killed = Vec::new();
@@ -70,7 +72,7 @@ async fn inject(cluster: &Cluster, fault: Fault, queue: &str, relays: &[&RelayPr
                 killed.push(n);
             }
             let list: Vec<String> = killed.iter().map(u8::to_string).collect();
-            format!("SIGKILL the relays' node (node {}), restart", list.join(" then "))
+            format!("SIGKILL the relays' node (node {}; 1 led the queue), restart", list.join(" then "))
         }
         Fault::StopApp => {
             let n = cluster.await_node_of(relays[0].pid(), Duration::from_secs(30)).await;
@@ -87,11 +89,37 @@ async fn scenario(cluster: &Cluster, fault: Fault) -> Row {
     let dir = temp_dir("hr-cluster");
     let exchange = unique("hr-cluster");
     let queue = format!("{exchange}.patreon");
+    let mut urls = cluster.urls.clone();
+    let mut a_on_node_1 = false;
+    if matches!(fault, Fault::KillLeader | Fault::KillConnected) {
+        // The queues are created from node 1, so led from there (RabbitMQ places a new
+        // queue's leader on the declaring client's node).
+        let mut declarer = RelayProc::spawn(&dir, "declarer", &exchange, &urls[..1], GROUP_OF_3);
+        declarer.await_connected(Duration::from_secs(60)).await;
+        declarer.child.stop().await;
+        match fault {
+            // A pure leader loss: the relays know only nodes 2 and 3, so they keep their
+            // connections and see the election.
+            Fault::KillLeader => drop(urls.remove(0)),
+            // The harsher case: relay A's node is the leader, so A reconnects to a node
+            // while the election may still run.
+            _ => a_on_node_1 = true,
+        }
+    }
     // Both start at once, so both declare the same topology at the same time.
-    let mut a = RelayProc::spawn(&dir, "relay-a", &exchange, &cluster.urls, GROUP_OF_3);
-    let mut b = RelayProc::spawn(&dir, "relay-b", &exchange, &cluster.urls, GROUP_OF_3);
+    let mut a = RelayProc::spawn(&dir, "relay-a", &exchange, &urls, GROUP_OF_3);
+    let mut b = RelayProc::spawn(&dir, "relay-b", &exchange, &urls, GROUP_OF_3);
     a.await_connected(Duration::from_secs(60)).await;
     b.await_connected(Duration::from_secs(60)).await;
+    // The relay starts at a random node: start A again until it is on node 1.
+    let mut tries = 0;
+    while a_on_node_1 && cluster.node_of(a.pid()) != Some(1) {
+        tries += 1;
+        assert!(tries < 30, "relay A never started on node 1: is the start node random?");
+        a.child.stop().await;
+        a = RelayProc::spawn(&dir, &format!("relay-a{tries}"), &exchange, &urls, GROUP_OF_3);
+        a.await_connected(Duration::from_secs(60)).await;
+    }
     let (_, members) = cluster.quorum(&queue).await.expect("the source queue exists");
     assert_eq!(members, 3, "quorum_initial_group_size = 3 puts a member on every node");
     let events = events();
