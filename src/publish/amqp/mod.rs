@@ -143,6 +143,25 @@ impl AmqpPublisher {
         }
     }
 
+    /// One step of an attempt (`what`: `Publish`, `Confirm`) on `link`: a client error
+    /// is a channel error; the deadline or a condemned link stops the attempt.
+    async fn step<T>(
+        &self,
+        link: &Arc<Link>,
+        deadline: Instant,
+        what: &str,
+        fut: impl Future<Output = Result<T, lapin::Error>>,
+    ) -> Result<T, Attempt> {
+        match on_link(link, deadline, fut).await {
+            Err(stop) => Err(self.stopped(link, stop)),
+            Ok(Err(error)) => {
+                debug!(%error, "{what} failed on its channel.");
+                Err(Attempt::ChannelError)
+            }
+            Ok(Ok(out)) => Ok(out),
+        }
+    }
+
     /// One publish and its confirm, bounded by `deadline`.
     async fn attempt(
         &self,
@@ -160,22 +179,8 @@ impl AmqpPublisher {
             msg.body,
             properties,
         );
-        let confirm = match on_link(&link, deadline, publish).await {
-            Err(stop) => return Err(self.stopped(&link, stop)),
-            Ok(Err(error)) => {
-                debug!(%error, "Publish failed on its channel.");
-                return Err(Attempt::ChannelError);
-            }
-            Ok(Ok(confirm)) => confirm,
-        };
-        let confirmation = match on_link(&link, deadline, confirm).await {
-            Err(stop) => return Err(self.stopped(&link, stop)),
-            Ok(Err(error)) => {
-                debug!(%error, "Confirm failed on its channel.");
-                return Err(Attempt::ChannelError);
-            }
-            Ok(Ok(c)) => c,
-        };
+        let confirm = self.step(&link, deadline, "Publish", publish).await?;
+        let confirmation = self.step(&link, deadline, "Confirm", confirm).await?;
         self.inner.state.confirmed(&link);
         self.inner.metrics.confirm_latency(source, started.elapsed());
         if let Confirmation::Nack(_) = confirmation {
