@@ -204,3 +204,21 @@ async fn worker(
     }
     log
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variants_parse_and_combine() {
+        let std: Variant = "std".parse().unwrap();
+        assert!(!std.no_headers && !std.no_mandatory && !std.body && !std.minimal);
+        let both: Variant = "nohdr+nomand".parse().unwrap();
+        assert!(both.no_headers && both.no_mandatory && !both.body && !both.minimal);
+        assert_eq!(both.name, "nohdr+nomand");
+        let min: Variant = "body+min".parse().unwrap();
+        assert!(min.body && min.minimal);
+        assert!("nohdr+bogus".parse::<Variant>().is_err());
+        assert!("".parse::<Variant>().is_err());
+    }
+}
