@@ -11,7 +11,7 @@ use std::convert::Infallible;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +29,7 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::broker;
+use crate::relay::KillOnDrop;
 
 /// Routing key of every bare publish (matches the `patreon` source queue's `patreon.#` binding).
 const ROUTING_KEY: &str = "patreon.bare";
@@ -86,20 +87,11 @@ async fn handle(
 
 /// A running bare relay child. Dropping it kills the process if it still runs.
 pub struct BareProcess {
-    child: Child,
+    child: KillOnDrop,
     /// Process id.
     pub pid: u32,
     /// Where it listens.
     pub addr: SocketAddr,
-}
-
-impl Drop for BareProcess {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
 }
 
 /// Starts `bench_bin --serve-bare` publishing to `exchange` and waits until it listens.
@@ -113,7 +105,7 @@ pub async fn start(bench_bin: &Path, url: &str, exchange: &str) -> anyhow::Resul
         .with_context(|| format!("starting the bare relay ({})", bench_bin.display()))?;
     let stdout = child.stdout.take().context("the bare relay's stdout")?;
     let pid = child.id();
-    let mut bare = BareProcess { child, pid, addr: SocketAddr::from(([127, 0, 0, 1], 0)) };
+    let mut bare = BareProcess { child: KillOnDrop(child), pid, addr: SocketAddr::from(([127, 0, 0, 1], 0)) };
     let line = tokio::time::timeout(
         START_TIMEOUT,
         tokio::task::spawn_blocking(move || {
@@ -137,7 +129,7 @@ impl BareProcess {
         let _ = Command::new("kill").args(["-TERM", &self.pid.to_string()]).status();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while tokio::time::Instant::now() < deadline {
-            if !matches!(self.child.try_wait(), Ok(None)) {
+            if !matches!(self.child.0.try_wait(), Ok(None)) {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;

@@ -114,9 +114,21 @@ pub struct Startup {
     pub startup_peak_rss: Option<u64>,
 }
 
+/// A child process that is killed when dropped, if it still runs.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// A running relay child process. Dropping it kills the process if it still runs.
 pub struct RelayProcess {
-    child: Child,
+    child: KillOnDrop,
     /// Process id.
     pub pid: u32,
     /// Ingest listener.
@@ -125,15 +137,6 @@ pub struct RelayProcess {
     pub admin: SocketAddr,
     /// Its log (JSON lines on stderr).
     pub log_path: PathBuf,
-}
-
-impl Drop for RelayProcess {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
 }
 
 /// A free loopback port (bound and released; the relay binds it right after).
@@ -164,7 +167,7 @@ pub async fn start(setup: &RelaySetup, round: usize) -> anyhow::Result<(RelayPro
     let child = cmd.spawn().with_context(|| format!("starting {}", setup.bin.display()))?;
     let mut relay = RelayProcess {
         pid: child.id(),
-        child,
+        child: KillOnDrop(child),
         ingest: SocketAddr::from(([127, 0, 0, 1], ingest_port)),
         admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
         log_path,
@@ -174,7 +177,7 @@ pub async fn start(setup: &RelaySetup, round: usize) -> anyhow::Result<(RelayPro
     let mut to_ready = None;
     let mut connected = None;
     while to_ready.is_none() || connected.is_none() {
-        if let Some(status) = relay.child.try_wait().context("checking the relay process")? {
+        if let Some(status) = relay.child.0.try_wait().context("checking the relay process")? {
             bail!("the relay exited during start-up ({status}); its log:\n{}", tail(&relay.log_path));
         }
         if to_ready.is_none() && http_status(relay.admin, "/readyz").await == Some(200) {
@@ -225,7 +228,7 @@ impl RelayProcess {
             bail!("kill -TERM {} failed", self.pid);
         }
         while began.elapsed() < STOP_TIMEOUT {
-            if let Some(status) = self.child.try_wait().context("waiting for the relay")? {
+            if let Some(status) = self.child.0.try_wait().context("waiting for the relay")? {
                 if !status.success() {
                     bail!("the relay exited with {status}; its log:\n{}", tail(&self.log_path));
                 }
