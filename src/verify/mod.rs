@@ -369,6 +369,37 @@ pub(crate) mod testing {
 mod tests {
     use super::*;
 
+    /// Every vector of tests/fixtures/other_providers/test_vectors.json is checked by
+    /// a unit test: a vector added to the file fails here until one uses it.
+    #[test]
+    fn every_shared_vector_is_used() {
+        const USED: [&str; 17] = [
+            "rfc2202-hmac-md5-tc1",         // patreon::shared_vectors
+            "rfc2202-hmac-md5-tc2",         // patreon::shared_vectors
+            "rfc2202-hmac-md5-tc3",         // patreon::shared_vectors
+            "rfc4231-hmac-sha256-tc1",      // keys::shared_primitive_vectors
+            "rfc4231-hmac-sha256-tc2",      // keys::shared_primitive_vectors
+            "patreon-apits-1",              // patreon::shared_vectors
+            "patreon-apits-2",              // patreon::shared_vectors
+            "github-official",              // github::official_vector
+            "github-computed-sha1-legacy",  // github::sha1_alone_is_unsigned
+            "github-computed-ping",         // github::computed_ping_vector, hmac_generic
+            "stripe-computed",              // stripe::computed_vector
+            "shopify-computed",             // shopify::computed_vector, hmac_generic
+            "slack-official",               // slack::official_vector
+            "standard-webhooks-official-1", // standard::official_vector_1_with_every_expectation
+            "twilio-official",              // keys::shared_primitive_vectors
+            "standard-webhooks-official-2", // standard::official_vector_2_and_svix_names
+            "svix-branded-computed",        // standard::official_vector_2_and_svix_names
+        ];
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/other_providers/test_vectors.json");
+        let all: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        for v in all["vectors"].as_array().unwrap() {
+            let id = v["id"].as_str().unwrap();
+            assert!(USED.contains(&id), "vector {id} is not checked by any test");
+        }
+    }
+
     #[test]
     fn kinds_have_unique_names_and_are_found() {
         for k in KINDS {
