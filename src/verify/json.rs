@@ -155,6 +155,13 @@ impl<'de> Visitor<'de> for Level<'_, '_, 'de> {
                     }
                 }
                 Hit::Deeper(next) => {
+                    // A repeated key: the last value wins, whole (as a parser building a
+                    // tree would see it), so forget what an earlier one gave.
+                    for (i, slot) in out.iter_mut().enumerate() {
+                        if next & (1 << i) != 0 {
+                            *slot = None;
+                        }
+                    }
                     map.next_value_seed(Level { paths, depth: depth + 1, active: next, out: &mut *out })?
                 }
                 Hit::Nothing => {
@@ -334,6 +341,16 @@ mod tests {
         let got = scan(br#"{"id":1e999999,"type":"x"}"#, &[&["id"], &["type"]]).unwrap();
         assert!(got.iter().all(Option::is_none));
         assert_eq!(scan(br#"{"id":1e}"#, &[&["id"]]), Err(JsonError::Invalid));
+    }
+
+    #[test]
+    fn a_repeated_key_counts_with_its_last_value() {
+        let paths: &[&[&str]] = &[&["data", "type"], &["data", "id"], &["type"]];
+        let got = scan(br#"{"data":{"type":"a","id":"1"},"data":{"id":"2"},"type":"x","type":"y"}"#, paths)
+            .unwrap();
+        assert_eq!((text(&got[0]), text(&got[1]), text(&got[2])), (None, Some("2".into()), Some("y".into())));
+        let got = scan(br#"{"data":{"type":"a","id":"1"},"data":null}"#, paths).unwrap();
+        assert!(got.iter().all(Option::is_none));
     }
 
     #[test]

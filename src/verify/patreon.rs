@@ -83,8 +83,9 @@ impl PatreonVerifier {
         })?;
         let [kind, id, ..] = json::scan(body, &[&["data", "type"], &["data", "id"]])?;
         let subject = match (kind, id) {
-            (Some(json::Found::Str(kind)), Some(id)) => {
-                let id = id.into_text();
+            // Strings or integers, as before providers existed.
+            (Some(kind), Some(id)) => {
+                let (kind, id) = (kind.into_text(), id.into_text());
                 (!kind.is_empty() && !id.is_empty()).then(|| format!("{kind}/{id}"))
             }
             _ => None,
@@ -214,12 +215,13 @@ mod tests {
     #[test]
     fn subject_is_data_type_and_id() {
         let v = verifier(&["k"]);
-        let cases: [(&[u8], Option<&str>); 8] = [
+        let cases: [(&[u8], Option<&str>); 9] = [
             (br#"{"data":{"id":null,"type":"member"}}"#, None),
             (br#"{"data":{"type":"member"}}"#, None),
             (br#"{"data":{"id":"1"}}"#, None),
             (br#"{"data":{"id":7,"type":"pledge"}}"#, Some("pledge/7")),
             (br#"{"data":{"id":"","type":"pledge"}}"#, None),
+            (br#"{"data":{"id":1,"type":2}}"#, Some("2/1")),
             (br#"{"data":null}"#, None),
             (br#"[{"data":{"id":"1","type":"x"}}]"#, None),
             (br#"{"data":{"type":"post","id":"9","attributes":{"id":"no"}}}"#, Some("post/9")),
