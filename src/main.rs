@@ -61,9 +61,9 @@ enum Command {
 
 #[derive(clap::Args)]
 struct SignArgs {
-    /// Provider kind, as in `sources.<name>.kind`.
-    #[arg(long, default_value = "patreon")]
-    kind: String,
+    /// Provider kind, as in `sources.<name>.kind` (default: the first registered kind, patreon).
+    #[arg(long)]
+    kind: Option<String>,
     /// File holding the secret, as configured (trailing newline ignored).
     #[arg(long)]
     secret_file: PathBuf,
@@ -203,7 +203,9 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 timestamp: args.timestamp.unwrap_or(now),
                 options: &options,
             };
-            for (name, value) in verify::sign(&args.kind, &input).map_err(anyhow::Error::msg)? {
+            for (name, value) in verify::sign(args.kind.as_deref().unwrap_or(verify::DEFAULT_KIND), &input)
+                .map_err(anyhow::Error::msg)?
+            {
                 println!("{name}: {value}");
             }
             Ok(ExitCode::SUCCESS)

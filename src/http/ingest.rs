@@ -231,7 +231,7 @@ impl<P: Publisher> Ingest<P> {
         let span = tracing::Span::current();
         span.record("event", verified.event());
         if let Some(reply) = verified.reply() {
-            // A handshake (Slack's URL verification): answered, nothing published.
+            // A handshake the provider expects answered (a URL verification): nothing is published.
             info!(source = name, "Handshake answered.");
             return json_response(StatusCode::OK, reply.to_vec());
         }

@@ -45,7 +45,8 @@ pub use event::{EventError, EventSource};
 pub use http::{HeaderMap, HeaderName, HeaderValue};
 pub use json::JsonError;
 pub use registry::{
-    HeaderLines, KINDS, Kind, KindOptions, ProviderSettings, SettingError, SignInput, kind, kind_names, sign,
+    DEFAULT_KIND, HeaderLines, KINDS, Kind, KindOptions, ProviderSettings, SettingError, SignInput, kind,
+    kind_names, sign,
 };
 pub use trigger::{KnownTrigger, Trigger, TriggerError};
 

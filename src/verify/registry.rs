@@ -121,6 +121,9 @@ pub const KINDS: &[Kind] = &[
     hmac_generic::KIND,
 ];
 
+/// The kind `hookrelay sign` uses when none is named (the relay's first provider).
+pub const DEFAULT_KIND: &str = super::patreon::KIND.name;
+
 /// The kind registered under `name`.
 pub fn kind(name: &str) -> Option<&'static Kind> {
     KINDS.iter().find(|k| k.name == name)
