@@ -18,8 +18,9 @@
 //! - at most `max_connections` connections are served at once; when all are taken,
 //!   connections that are not inside a request (idle keep-alive, slow heads, silent
 //!   openers) or are still waiting for a request body are closed after
-//!   [`pool::IDLE_BEFORE_EVICTION`] to make room, so idle and slow clients cannot keep
-//!   honest senders waiting in the backlog.
+//!   [`pool::IDLE_BEFORE_EVICTION`] (a new connection: [`pool::FRESH_GRACE`]),
+//!   longest-idle first, to make room, so idle and slow clients cannot keep honest
+//!   senders waiting in the backlog.
 
 pub mod admin;
 pub mod ingest;
@@ -34,9 +35,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{CONNECTION, HeaderValue};
 use hyper::server::conn::http1;
-use hyper::{Request, Response, StatusCode};
+use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
@@ -141,24 +141,32 @@ pub async fn serve<H, Fut>(
             req.extensions_mut().insert(PeerAddr(peer));
             req.extensions_mut().insert(ConnectionSlot(service_slot.clone()));
             async move {
-                let Some(_busy) = busy else {
-                    // Chosen for closing a moment ago; the connection is going away.
-                    return Ok::<_, Infallible>(closing());
-                };
-                Ok(handler(req).await)
+                let _busy = busy;
+                Ok::<_, Infallible>(handler(req).await)
             }
         });
         let conn = builder.serve_connection(TokioIo::new(stream), service);
         let watched = graceful.watch(conn);
         tokio::spawn(async move {
             slot.started();
-            tokio::select! {
-                result = watched => {
-                    if let Err(error) = result {
-                        debug!(%peer, %error, "Connection ended with an error.");
+            let mut watched = std::pin::pin!(watched);
+            loop {
+                tokio::select! {
+                    // The connection first: a head already in the socket is read (and
+                    // withdraws the choice) before the choice is acted on.
+                    biased;
+                    result = &mut watched => {
+                        if let Err(error) = result {
+                            debug!(%peer, %error, "Connection ended with an error.");
+                        }
+                        break;
                     }
+                    // Unless a request head arrived meanwhile (the choice is withdrawn).
+                    () = slot.evicted() => if slot.is_evicted() {
+                        debug!(%peer, "Closed an idle connection to make room.");
+                        break;
+                    },
                 }
-                () = slot.evicted() => debug!(%peer, "Closed an idle connection to make room."),
             }
             drop(registration);
             drop(permit);
@@ -173,14 +181,6 @@ pub async fn serve<H, Fut>(
     } else {
         info!("All connections finished.");
     }
-}
-
-/// The answer to a request that arrives on a connection just chosen for closing.
-fn closing() -> HttpResponse {
-    let mut resp = Response::new(Full::new(Bytes::from_static(b"{\"error\":\"connection closing\"}")));
-    *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-    resp.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
-    resp
 }
 
 /// Warns about evictions at most once per [`EVICTION_WARN_EVERY`], with a count.

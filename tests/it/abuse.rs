@@ -287,3 +287,39 @@ async fn thousands_of_idle_connections_do_not_keep_honest_senders_out() {
     let latencies = flood(attackers, &[0], 256).await;
     assert!(latencies[latencies.len() - 1] < Duration::from_secs(10), "{latencies:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_whose_head_is_late_is_not_closed_to_make_room() {
+    // A few more silent attackers than slots: every slot stays taken and the relay
+    // keeps closing idle connections, while a new connection is accepted quickly.
+    let _one_at_a_time = FLOODS.lock().await;
+    const SLOTS: usize = 16;
+    let relay = relay_with(SLOTS, 5_000, 5_000).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let stats = Arc::new(AttackStats::default());
+    let tasks: Vec<_> = (0..SLOTS + 4)
+        .map(|_| tokio::spawn(attacker(relay.ingest, 0, stop.clone(), stats.clone())))
+        .collect();
+    let s = stats.clone();
+    eventually("the relay to close attackers", Duration::from_secs(30), || {
+        let s = s.clone();
+        async move { (s.closed_by_relay.load(Ordering::Relaxed) >= SLOTS).then_some(()) }
+    })
+    .await;
+    // A sender whose head comes 200 ms after it connected: what a starved client (or
+    // relay) looks like on a loaded machine. Not synchronisation: the scenario itself.
+    for _ in 0..5 {
+        let signed = Signed::new();
+        let mut stream = TcpStream::connect(relay.ingest).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let sent = stream.write_all(&signed.wire("/webhooks/patreon", &["connection: close"])).await;
+        let (answer, _) =
+            until_closed(&mut stream, Duration::from_secs(20)).await.expect("no answer in 20 s");
+        assert!(sent.is_ok() && status_of(&answer) == 200, "{sent:?} {}", String::from_utf8_lossy(&answer));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.abort();
+    }
+    relay.stop_and_cleanup().await;
+}
