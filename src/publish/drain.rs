@@ -38,7 +38,7 @@ pub const QUARANTINE_AFTER: u32 = 3;
 /// Publishes spooled events in spool order until `shutdown` is cancelled.
 pub async fn drain<B: Broker>(spool: Spool, amqp: B, metrics: Metrics, shutdown: CancellationToken) {
     let quarantine = Quarantine::new(spool.dir());
-    let mut quarantined = recount(&quarantine, &metrics).await;
+    let mut quarantined = recount(&quarantine, &metrics, 0).await;
     if quarantined > 0 {
         warn!(
             waiting = quarantined,
@@ -62,7 +62,7 @@ pub async fn drain<B: Broker>(spool: Spool, amqp: B, metrics: Metrics, shutdown:
         tokio::select! {
             _ = spool.wait_nonempty() => {}
             _ = sleep(QUARANTINE_RECOUNT), if quarantined > 0 => {
-                quarantined = recount(&quarantine, &metrics).await;
+                quarantined = recount(&quarantine, &metrics, quarantined).await;
                 continue;
             }
             _ = shutdown.cancelled() => return,
@@ -173,8 +173,9 @@ async fn set_aside(
     removed(spool, pos, done as u64, metrics).await
 }
 
-/// Counts the events waiting in the quarantine into the gauge.
-async fn recount(quarantine: &Quarantine, metrics: &Metrics) -> u64 {
+/// Counts the events waiting in the quarantine into the gauge; `known` stands when
+/// it cannot be read (a replay may hold its lock).
+async fn recount(quarantine: &Quarantine, metrics: &Metrics, known: u64) -> u64 {
     match quarantine.waiting().await {
         Ok(waiting) => {
             metrics.spool_quarantine_depth(waiting);
@@ -182,7 +183,7 @@ async fn recount(quarantine: &Quarantine, metrics: &Metrics) -> u64 {
         }
         Err(error) => {
             debug!(%error, "Cannot count the spool quarantine.");
-            1
+            known
         }
     }
 }

@@ -128,7 +128,9 @@ impl AmqpPublisher {
     /// condemned. Always an [`Attempt::Timeout`] for the caller.
     fn timed_out(&self, link: &Arc<Link>) -> Attempt {
         let quiet = self.inner.state.quiet_for(link);
-        if quiet >= self.inner.cfg.publish_timeout / 2 {
+        // A broker that blocked publishing (memory or disk alarm) said why it is
+        // quiet; another connection would be blocked too.
+        if quiet >= self.inner.cfg.publish_timeout / 2 && !self.inner.state.is_blocked() {
             debug!(quiet_ms = quiet.as_millis() as u64, "No confirm on the connection; condemning it.");
             self.inner.state.condemn(link);
         }
