@@ -3,11 +3,12 @@
 //
 // Reads the CloudEvents that hookrelay publishes (structured mode: the whole
 // event is the JSON message body, content type application/cloudevents+json),
-// parses each with the CloudEvents JavaScript SDK, optionally recomputes the
-// webhook's HMAC-MD5 over the exact `data` bytes, drops duplicates by event
-// id, acks, and prints one line per delivery:
+// parses each with the CloudEvents JavaScript SDK, takes the webhook body's
+// exact bytes (the raw `data` member of a JSON body, or `data_base64` decoded),
+// for a Patreon event optionally recomputes the webhook's HMAC-MD5 over them,
+// drops duplicates by source and id, acks, and prints one line per delivery:
 //
-//   event id=<id> type=<type> subject=<subject|-> verified=<true|false|skipped> duplicate=<true|false> hmac=<hex|->
+//   event id=<id> type=<type> subject=<subject|-> deliveryid=<id|-> data=<json|base64> bytes=<n> sha256=<hex> verified=<true|false|skipped|n/a> duplicate=<true|false> hmac=<hex|->
 //
 // and, when it stops, `consumed=<N> duplicates=<M>`. A message that is not a
 // valid CloudEvent is rejected without requeue (the broker dead-letters it)
@@ -24,15 +25,20 @@ const { HTTP } = require('cloudevents');
 
 const DEFAULT_URL = 'amqp://guest:guest@127.0.0.1:5672/%2f';
 const DEFAULT_QUEUE = 'hookrelay.patreon';
+// The Patreon kind's default type prefix: only these events are re-verified
+// (Patreon signs the body alone; other kinds sign timestamps or ids too, or use
+// other algorithms, and this example does not pretend to check them).
+const PATREON_TYPE_PREFIX = 'com.patreon.';
 
-// --- the exact bytes of the envelope's `data` member ------------------------
+// --- the exact bytes of the webhook body ------------------------------------
 //
-// hookrelay embeds the webhook body in the envelope byte for byte. Parsing and
-// re-serialising `data` would change those bytes (key order, spacing, escapes,
-// and JavaScript numbers lose precision), so we locate the member in the raw
-// message body instead: a small scanner walks the top-level object and returns
-// everything between the colon after "data" and the comma or closing brace
-// that ends the member.
+// hookrelay embeds a JSON webhook body in the envelope's `data` member byte for
+// byte. Parsing and re-serialising `data` would change those bytes (key order,
+// spacing, escapes, and JavaScript numbers lose precision), so we locate the
+// member in the raw message body instead: a small scanner walks the top-level
+// object and returns everything between the colon after "data" and the comma
+// or closing brace that ends the member. Any other body (a Slack form post) is
+// in `data_base64`.
 
 const QUOTE = 0x22;
 const BACKSLASH = 0x5c;
@@ -88,6 +94,19 @@ function dataMemberBytes(body) {
   }
 }
 
+/** The webhook body's exact bytes and the member that carries them. */
+function webhookBody(body, event) {
+  const data = dataMemberBytes(body);
+  if (data !== null) return [data, 'json'];
+  const encoded = event.data_base64;
+  if (typeof encoded !== 'string') throw new Error('neither data nor data_base64');
+  // Buffer.from skips characters outside the alphabet; the round trip is the
+  // strict check. (The SDK's own decoded `data` is a Uint32Array.)
+  const decoded = Buffer.from(encoded, 'base64');
+  if (decoded.toString('base64') !== encoded) throw new Error('data_base64 is not canonical base64');
+  return [decoded, 'base64'];
+}
+
 // --- command line ------------------------------------------------------------
 
 function options() {
@@ -140,7 +159,7 @@ async function main() {
   // fine for an example. A real consumer records processed ids durably (e.g.
   // a unique key in its database, written in the same transaction as the
   // effect) because RabbitMQ delivers at least once.
-  const seen = new Set();
+  const seen = new Set(); // of JSON [source, id]: ids are unique per source
   let consumed = 0;
   let duplicates = 0;
 
@@ -176,12 +195,12 @@ async function main() {
     const body = msg.content;
     let event;
     let data;
+    let carriedAs;
     try {
       // Structured content mode: the SDK reads the event from the body.
       event = HTTP.toEvent({ headers: { 'content-type': msg.properties.contentType || '' }, body: body.toString('utf8') });
       event.validate();
-      data = dataMemberBytes(body);
-      if (data === null) throw new Error('no data member');
+      [data, carriedAs] = webhookBody(body, event);
     } catch (e) {
       const reason = String(e.message || e).split('\n')[0];
       console.log(`invalid delivery=${msg.fields.deliveryTag} message_id=${msg.properties.messageId || '-'} error=${JSON.stringify(reason)}`);
@@ -190,22 +209,26 @@ async function main() {
       return;
     }
 
-    const duplicate = seen.has(event.id);
-    seen.add(event.id);
+    const key = JSON.stringify([event.source, event.id]);
+    const duplicate = seen.has(key);
+    seen.add(key);
     if (duplicate) duplicates += 1;
 
-    const digest = opts.secret !== null
+    const patreon = event.type.startsWith(PATREON_TYPE_PREFIX);
+    const digest = patreon && opts.secret !== null
       ? crypto.createHmac('md5', opts.secret).update(data).digest('hex')
       : null;
-    let verified = 'skipped';
+    let verified = patreon ? 'skipped' : 'n/a';
     if (digest !== null && opts.signatures !== null) {
       verified = [...opts.signatures].some((s) => s.length === digest.length
         && crypto.timingSafeEqual(Buffer.from(s), Buffer.from(digest))) ? 'true' : 'false';
     }
+    const sha256 = crypto.createHash('sha256').update(data).digest('hex');
 
     // A real consumer does its work here, for non-duplicates only, and acks
     // after the work is durable.
     console.log(`event id=${event.id} type=${event.type} subject=${event.subject || '-'} `
+      + `deliveryid=${event.deliveryid || '-'} data=${carriedAs} bytes=${data.length} sha256=${sha256} `
       + `verified=${verified} duplicate=${duplicate} hmac=${digest || '-'}`);
     channel.ack(msg);
     if (opts.maxMessages && consumed >= opts.maxMessages) { done = true; finish(0); }

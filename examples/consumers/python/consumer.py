@@ -3,11 +3,12 @@
 
 Reads the CloudEvents that hookrelay publishes (structured mode: the whole
 event is the JSON message body, content type application/cloudevents+json),
-parses each with the CloudEvents Python SDK, optionally recomputes the
-webhook's HMAC-MD5 over the exact `data` bytes, drops duplicates by event id,
-acks, and prints one line per delivery:
+parses each with the CloudEvents Python SDK, takes the webhook body's exact
+bytes (the raw `data` member of a JSON body, or `data_base64` decoded), for a
+Patreon event optionally recomputes the webhook's HMAC-MD5 over them, drops
+duplicates by source and id, acks, and prints one line per delivery:
 
-    event id=<id> type=<type> subject=<subject|-> verified=<true|false|skipped> duplicate=<true|false> hmac=<hex|->
+    event id=<id> type=<type> subject=<subject|-> deliveryid=<id|-> data=<json|base64> bytes=<n> sha256=<hex> verified=<true|false|skipped|n/a> duplicate=<true|false> hmac=<hex|->
 
 and, when it stops, `consumed=<N> duplicates=<M>`. A message that is not a
 valid CloudEvent is rejected without requeue (the broker dead-letters it) and
@@ -19,8 +20,11 @@ See README.md for the options and what "verified" means.
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import hashlib
 import hmac
+import json
 import os
 import signal
 import sys
@@ -32,15 +36,20 @@ from cloudevents.core.formats.json import JSONFormat
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/%2f"
 DEFAULT_QUEUE = "hookrelay.patreon"
+# The Patreon kind's default type prefix: only these events are re-verified
+# (Patreon signs the body alone; other kinds sign timestamps or ids too, or
+# use other algorithms, and this example does not pretend to check them).
+PATREON_TYPE_PREFIX = "com.patreon."
 
 
-# --- the exact bytes of the envelope's `data` member ------------------------
+# --- the exact bytes of the webhook body ------------------------------------
 #
-# hookrelay embeds the webhook body in the envelope byte for byte. Parsing
-# and re-serialising `data` would change those bytes (key order, spacing,
-# escapes), so we locate the member in the raw message body instead: a small
-# scanner walks the top-level object and returns everything between the colon
-# after "data" and the comma or closing brace that ends the member.
+# hookrelay embeds a JSON webhook body in the envelope's `data` member byte for
+# byte. Parsing and re-serialising `data` would change those bytes (key order,
+# spacing, escapes), so we locate the member in the raw message body instead:
+# a small scanner walks the top-level object and returns everything between
+# the colon after the member's name and the comma or closing brace that ends
+# it. Any other body (a Slack form post) is in `data_base64`.
 
 _WS = b" \t\r\n"
 
@@ -90,8 +99,8 @@ def _end_of_value(buf: bytes, i: int) -> int:
     return i
 
 
-def data_member_bytes(body: bytes) -> bytes | None:
-    """The raw bytes of the top-level "data" member's value, or None."""
+def member_bytes(body: bytes, name: bytes) -> bytes | None:
+    """The raw bytes of the value of the top-level member `name` (quoted), or None."""
     i = _skip_ws(body, 0)
     if i >= len(body) or body[i] != ord("{"):
         raise ValueError("not a JSON object")
@@ -107,10 +116,25 @@ def data_member_bytes(body: bytes) -> bytes | None:
             raise ValueError("expected ':'")
         value_start = i + 1
         i = _skip_ws(body, _end_of_value(body, _skip_ws(body, value_start)))
-        if key == b'"data"':
+        if key == name:
             return body[value_start:i]
         if i < len(body) and body[i] == ord(","):
             i += 1
+
+
+def webhook_body(body: bytes) -> tuple[bytes, str]:
+    """The webhook body's exact bytes and the member that carries them."""
+    raw = member_bytes(body, b'"data"')
+    if raw is not None:
+        return raw, "json"
+    encoded = member_bytes(body, b'"data_base64"')
+    if encoded is None:
+        raise ValueError("neither data nor data_base64")
+    # Strict: the SDK's own decoding ignores characters outside the alphabet.
+    try:
+        return base64.b64decode(json.loads(encoded), validate=True), "base64"
+    except (binascii.Error, TypeError, ValueError) as e:
+        raise ValueError(f"data_base64: {e}") from None
 
 
 # --- command line ------------------------------------------------------------
@@ -123,10 +147,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--queue", default=env("QUEUE_NAME", DEFAULT_QUEUE),
                    help="queue to consume (env QUEUE_NAME; default %(default)s)")
     p.add_argument("--secret-file", default=env("WEBHOOK_SECRET_FILE"),
-                   help="file holding the webhook secret, to recompute the HMAC "
+                   help="file holding the Patreon webhook secret, to recompute the HMAC "
                         "(env WEBHOOK_SECRET_FILE; or give the secret itself in WEBHOOK_SECRET)")
     p.add_argument("--signatures-file", default=env("SIGNATURES_FILE"),
-                   help="known X-Patreon-Signature values, one per line; an event is "
+                   help="known X-Patreon-Signature values, one per line; a Patreon event is "
                         "verified=true when its recomputed HMAC is among them (env SIGNATURES_FILE)")
     p.add_argument("--max-messages", type=int, default=int(env("MAX_MESSAGES", "0")),
                    help="stop after this many deliveries; 0 = no limit (env MAX_MESSAGES)")
@@ -160,7 +184,7 @@ def main() -> int:
     # fine for an example. A real consumer records processed ids durably
     # (e.g. a unique key in its database, written in the same transaction
     # as the effect) because RabbitMQ delivers at least once.
-    seen: set[str] = set()
+    seen: set[tuple[str, str]] = set()
     consumed = duplicates = 0
     stop = False
 
@@ -198,9 +222,7 @@ def main() -> int:
             try:
                 # Structured content mode: the SDK reads the event from the body.
                 event = ce_rabbitmq.from_structured(message, JSONFormat())
-                data = data_member_bytes(body)
-                if data is None:
-                    raise ValueError("no data member")
+                data, carried_as = webhook_body(body)
             except Exception as e:  # any parse/validation failure
                 reason = str(e).splitlines()[0] if str(e) else type(e).__name__
                 print(f"invalid delivery={method.delivery_tag} message_id={properties.message_id or '-'} "
@@ -211,22 +233,30 @@ def main() -> int:
                 continue
 
             event_id = event.get_id()
-            duplicate = event_id in seen
-            seen.add(event_id)
+            # Ids are unique per source (CloudEvents: source + id).
+            key = (event.get_source(), event_id)
+            duplicate = key in seen
+            seen.add(key)
             if duplicate:
                 duplicates += 1
 
-            digest = hmac.new(secret, data, hashlib.md5).hexdigest() if secret is not None else None
-            if digest is None or known_signatures is None:
-                verified = "skipped"
+            digest = None
+            if not event.get_type().startswith(PATREON_TYPE_PREFIX):
+                verified = "n/a"
             else:
-                verified = "true" if any(hmac.compare_digest(digest, s) for s in known_signatures) else "false"
+                if secret is not None:
+                    digest = hmac.new(secret, data, hashlib.md5).hexdigest()
+                if digest is None or known_signatures is None:
+                    verified = "skipped"
+                else:
+                    verified = "true" if any(hmac.compare_digest(digest, s) for s in known_signatures) else "false"
 
             # A real consumer does its work here, for non-duplicates only, and
             # acks after the work is durable.
             print(f"event id={event_id} type={event.get_type()} subject={event.get_subject() or '-'} "
-                  f"verified={verified} duplicate={'true' if duplicate else 'false'} hmac={digest or '-'}",
-                  flush=True)
+                  f"deliveryid={event.get_extension('deliveryid') or '-'} data={carried_as} bytes={len(data)} "
+                  f"sha256={hashlib.sha256(data).hexdigest()} verified={verified} "
+                  f"duplicate={'true' if duplicate else 'false'} hmac={digest or '-'}", flush=True)
             channel.basic_ack(method.delivery_tag)
             if args.max_messages and consumed >= args.max_messages:
                 break

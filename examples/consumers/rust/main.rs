@@ -2,12 +2,13 @@
 //!
 //! Reads the CloudEvents that hookrelay publishes (structured mode: the whole
 //! event is the JSON message body, content type `application/cloudevents+json`),
-//! checks the required CloudEvents attributes, optionally recomputes the
-//! webhook's HMAC-MD5 over the exact `data` bytes, drops duplicates by event id,
-//! acks, and prints one line per delivery:
+//! checks the required CloudEvents attributes, takes the webhook body's exact
+//! bytes (the raw `data` member of a JSON body, or `data_base64` decoded), for a
+//! Patreon event optionally recomputes the webhook's HMAC-MD5 over them, drops
+//! duplicates by source and id, acks, and prints one line per delivery:
 //!
 //! ```text
-//! event id=<id> type=<type> subject=<subject|-> verified=<true|false|skipped> duplicate=<true|false> hmac=<hex|->
+//! event id=<id> type=<type> subject=<subject|-> deliveryid=<id|-> data=<json|base64> bytes=<n> sha256=<hex> verified=<true|false|skipped|n/a> duplicate=<true|false> hmac=<hex|->
 //! ```
 //!
 //! and, when it stops, `consumed=<N> duplicates=<M>`. A message that is not a
@@ -17,11 +18,13 @@
 //! Run with `cargo run --example consumer -- --help`; see
 //! examples/consumers/rust/README.md.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use base64::Engine;
 use clap::Parser;
 use futures_util::StreamExt;
 use hmac::{Hmac, Mac};
@@ -30,6 +33,12 @@ use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
 use md5::Md5;
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+/// The Patreon kind's default type prefix: only these events are re-verified
+/// (Patreon signs the body alone; other kinds sign timestamps or ids too, or use
+/// other algorithms, and this example does not pretend to check them).
+const PATREON_TYPE_PREFIX: &str = "com.patreon.";
 
 #[derive(Parser)]
 #[command(name = "consumer", about = "Consume hookrelay CloudEvents from RabbitMQ.")]
@@ -40,11 +49,11 @@ struct Args {
     /// Queue to consume.
     #[arg(long, env = "QUEUE_NAME", default_value = "hookrelay.patreon")]
     queue: String,
-    /// File holding the webhook secret, to recompute the HMAC (or give the
-    /// secret itself in WEBHOOK_SECRET).
+    /// File holding the Patreon webhook secret, to recompute the HMAC (or give
+    /// the secret itself in WEBHOOK_SECRET).
     #[arg(long, env = "WEBHOOK_SECRET_FILE")]
     secret_file: Option<PathBuf>,
-    /// Known X-Patreon-Signature values, one per line; an event is
+    /// Known X-Patreon-Signature values, one per line; a Patreon event is
     /// verified=true when its recomputed HMAC is among them.
     #[arg(long, env = "SIGNATURES_FILE")]
     signatures_file: Option<PathBuf>,
@@ -70,6 +79,11 @@ struct CloudEvent {
     #[serde(rename = "type")]
     ty: String,
     subject: Option<String>,
+    /// hookrelay's extension attribute: the provider's delivery id, if it sent one.
+    deliveryid: Option<String>,
+    /// A body that is not JSON (a Slack form post), base64; a JSON body is the
+    /// `data` member, which [`webhook_body`] takes from the raw bytes instead.
+    data_base64: Option<String>,
 }
 
 impl CloudEvent {
@@ -85,13 +99,14 @@ impl CloudEvent {
     }
 }
 
-// --- the exact bytes of the envelope's `data` member -------------------------
+// --- the exact bytes of the webhook body --------------------------------------
 //
-// hookrelay embeds the webhook body in the envelope byte for byte. Parsing and
-// re-serialising `data` would change those bytes (key order, spacing, escapes),
-// so we locate the member in the raw message body instead: a small scanner walks
-// the top-level object and returns everything between the colon after "data"
-// and the comma or closing brace that ends the member.
+// hookrelay embeds a JSON webhook body in the envelope's `data` member byte for
+// byte. Parsing and re-serialising `data` would change those bytes (key order,
+// spacing, escapes), so we locate the member in the raw message body instead: a
+// small scanner walks the top-level object and returns everything between the
+// colon after "data" and the comma or closing brace that ends the member. Any
+// other body (a Slack form post) is in `data_base64`.
 
 fn skip_ws(buf: &[u8], mut i: usize) -> usize {
     while i < buf.len() && matches!(buf[i], b' ' | b'\t' | b'\r' | b'\n') {
@@ -177,6 +192,17 @@ fn data_member_bytes(body: &[u8]) -> Result<Option<&[u8]>, String> {
     }
 }
 
+/// The webhook body's exact bytes and the member that carries them.
+fn webhook_body<'a>(body: &'a [u8], event: &CloudEvent) -> Result<(Cow<'a, [u8]>, &'static str), String> {
+    if let Some(data) = data_member_bytes(body)? {
+        return Ok((Cow::Borrowed(data), "json"));
+    }
+    let encoded = event.data_base64.as_deref().ok_or("neither data nor data_base64")?;
+    let decoded =
+        base64::engine::general_purpose::STANDARD.decode(encoded).map_err(|e| format!("data_base64: {e}"))?;
+    Ok((Cow::Owned(decoded), "base64"))
+}
+
 fn hmac_md5_hex(secret: &[u8], data: &[u8]) -> Result<String, String> {
     let mut mac = Hmac::<Md5>::new_from_slice(secret).map_err(|e| e.to_string())?;
     mac.update(data);
@@ -225,7 +251,7 @@ async fn run(args: &Args) -> Result<ExitCode, String> {
     // fine for an example. A real consumer records processed ids durably (e.g.
     // a unique key in its database, written in the same transaction as the
     // effect) because RabbitMQ delivers at least once.
-    let mut seen: HashSet<String> = HashSet::new();
+    let mut seen: HashSet<(String, String)> = HashSet::new();
     let (mut consumed, mut duplicates) = (0u64, 0u64);
 
     let conn = Connection::connect(&args.url, ConnectionProperties::default())
@@ -272,12 +298,11 @@ async fn run(args: &Args) -> Result<ExitCode, String> {
         };
         consumed += 1;
 
-        let parsed =
-            CloudEvent::parse(&delivery.data).and_then(|event| match data_member_bytes(&delivery.data)? {
-                Some(data) => Ok((event, data)),
-                None => Err("no data member".into()),
-            });
-        let (event, data) = match parsed {
+        let parsed = CloudEvent::parse(&delivery.data).and_then(|event| {
+            let (data, carried_as) = webhook_body(&delivery.data, &event)?;
+            Ok((event, data, carried_as))
+        });
+        let (event, data, carried_as) = match parsed {
             Ok(v) => v,
             Err(reason) => {
                 let mid = delivery.properties.message_id().as_ref().map_or("-", |m| m.as_str());
@@ -293,15 +318,18 @@ async fn run(args: &Args) -> Result<ExitCode, String> {
             }
         };
 
-        let duplicate = !seen.insert(event.id.clone());
+        // Ids are unique per source (CloudEvents: source + id).
+        let duplicate = !seen.insert((event.source.clone(), event.id.clone()));
         if duplicate {
             duplicates += 1;
         }
+        let patreon = event.ty.starts_with(PATREON_TYPE_PREFIX);
         let digest = match &secret {
-            Some(s) => Some(hmac_md5_hex(s, data)?),
-            None => None,
+            Some(s) if patreon => Some(hmac_md5_hex(s, &data)?),
+            _ => None,
         };
         let verified = match (&digest, &known_signatures) {
+            _ if !patreon => "n/a",
             (Some(d), Some(known)) => {
                 if known.contains(d) {
                     "true"
@@ -315,10 +343,14 @@ async fn run(args: &Args) -> Result<ExitCode, String> {
         // A real consumer does its work here, for non-duplicates only, and acks
         // after the work is durable.
         println!(
-            "event id={} type={} subject={} verified={verified} duplicate={duplicate} hmac={}",
+            "event id={} type={} subject={} deliveryid={} data={carried_as} bytes={} sha256={} verified={verified} \
+             duplicate={duplicate} hmac={}",
             event.id,
             event.ty,
             event.subject.as_deref().unwrap_or("-"),
+            event.deliveryid.as_deref().unwrap_or("-"),
+            data.len(),
+            hex::encode(Sha256::digest(&data)),
             digest.as_deref().unwrap_or("-"),
         );
         delivery.ack(BasicAckOptions::default()).await.map_err(|e| e.to_string())?;
@@ -343,5 +375,20 @@ mod tests {
         assert_eq!(data_member_bytes(body), Ok(Some(&br#" {"b":[1,{"c":"}"}], "a" : 2 } "#[..])));
         assert_eq!(data_member_bytes(br#"{"id":"x"}"#), Ok(None));
         assert_eq!(data_member_bytes(br#"{"data":null,"x":1}"#), Ok(Some(&b"null"[..])));
+    }
+
+    #[test]
+    fn data_base64_is_decoded_to_the_exact_bytes() {
+        let body = br#"{"specversion":"1.0","id":"x","source":"/webhooks/slack","type":"com.slack.command","deliveryid":"d-1","data_base64":"dD14CgD/"}"#;
+        let event = CloudEvent::parse(body).unwrap();
+        assert_eq!(event.deliveryid.as_deref(), Some("d-1"));
+        let (data, carried_as) = webhook_body(body, &event).unwrap();
+        assert_eq!((&data[..], carried_as), (&b"t=x\n\x00\xff"[..], "base64"));
+
+        let bare = br#"{"specversion":"1.0","id":"x","source":"s","type":"t","data_base64":"!!"}"#;
+        let event = CloudEvent::parse(bare).unwrap();
+        assert!(webhook_body(bare, &event).is_err());
+        let event = CloudEvent { data_base64: None, ..event };
+        assert_eq!(webhook_body(bare, &event).err().as_deref(), Some("neither data nor data_base64"));
     }
 }
