@@ -71,15 +71,12 @@ pub struct Target<'a> {
 /// without one, a UUID of (event name, body), see [`event_id`].
 pub fn build(verified: &Verified<'_>, target: &Target<'_>, now: SystemTime) -> Envelope {
     let raw = verified.body();
-    let dotted = dotted(verified.event());
+    let event = verified.event();
     let id = match verified.delivery_id() {
         Some(delivery) => delivery_event_id(target.source_name, delivery),
-        None => event_id(verified.event(), raw),
+        None => event_id(event, raw),
     };
-    let mut ce_type = String::with_capacity(target.type_prefix.len() + 1 + dotted.len());
-    ce_type.push_str(target.type_prefix);
-    ce_type.push('.');
-    ce_type.push_str(&dotted);
+    let ce_type = dotted(target.type_prefix, event);
     let mut time = String::with_capacity(32);
     // Writing to a String cannot fail.
     let _ = write!(time, "{}", humantime::format_rfc3339_micros(now));
@@ -132,10 +129,7 @@ pub fn build(verified: &Verified<'_>, target: &Target<'_>, now: SystemTime) -> E
     }
     out.push(b'}');
 
-    let mut routing_key = String::with_capacity(target.source_name.len() + 1 + dotted.len());
-    routing_key.push_str(target.source_name);
-    routing_key.push('.');
-    routing_key.push_str(&dotted);
+    let routing_key = dotted(target.source_name, event);
     Envelope {
         id,
         source: target.ce_source.to_owned(),
@@ -149,9 +143,14 @@ pub fn build(verified: &Verified<'_>, target: &Target<'_>, now: SystemTime) -> E
     }
 }
 
-/// The event name as a routing-key suffix: `/` and `:` become `.`.
-fn dotted(event: &str) -> String {
-    event.replace([':', '/'], ".")
+/// `{prefix}.{event}` with `/` and `:` in the event name as `.`, in one exact-size
+/// allocation (the type and the routing key of every event).
+fn dotted(prefix: &str, event: &str) -> String {
+    let mut out = String::with_capacity(prefix.len() + 1 + event.len());
+    out.push_str(prefix);
+    out.push('.');
+    out.extend(event.chars().map(|c| if c == ':' || c == '/' { '.' } else { c }));
+    out
 }
 
 /// The attributes of an envelope this module wrote; other members (`data`) are

@@ -322,8 +322,8 @@ pub fn error(status: StatusCode, text: &str) -> HttpResponse {
 }
 
 fn accepted(id: &str) -> HttpResponse {
-    // The id is a UUID: nothing in it needs escaping.
-    let body = format!(r#"{{"id":"{id}"}}"#).into_bytes();
+    // The id is a UUID: nothing in it needs escaping. One exact-size buffer.
+    let body = [r#"{"id":""#, id, r#""}"#].concat().into_bytes();
     json_response(StatusCode::OK, body)
 }
 

@@ -86,7 +86,8 @@ impl PatreonVerifier {
             // Strings or integers, as before providers existed.
             (Some(kind), Some(id)) => {
                 let (kind, id) = (kind.into_text(), id.into_text());
-                (!kind.is_empty() && !id.is_empty()).then(|| format!("{kind}/{id}"))
+                // One exact-size allocation (`format!` grows its buffer).
+                (!kind.is_empty() && !id.is_empty()).then(|| [&*kind, "/", &*id].concat())
             }
             _ => None,
         };
