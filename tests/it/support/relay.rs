@@ -194,6 +194,8 @@ pub struct Relay {
     pub toml: String,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
+    /// Set once [`Relay::stop_and_cleanup`] has deleted the topology.
+    cleaned: bool,
 }
 
 impl Relay {
@@ -217,7 +219,8 @@ impl Relay {
         let task = tokio::spawn(hookrelay::run(config, ingest_l, admin_l, async move {
             let _ = rx.await;
         }));
-        let relay = Relay { ingest, admin, exchange, toml, shutdown: Some(tx), task: Some(task) };
+        let relay =
+            Relay { ingest, admin, exchange, toml, shutdown: Some(tx), task: Some(task), cleaned: false };
         if wait_ready {
             // Fail with the broker's own message if it is not there at all.
             drop(broker().await);
@@ -293,5 +296,27 @@ impl Relay {
     pub async fn stop_and_cleanup(mut self) {
         self.stop().await;
         cleanup(&self.toml).await;
+        self.cleaned = true;
+    }
+}
+
+/// A test that fails never reaches its `stop_and_cleanup`: delete the relay's queues and
+/// exchanges while it unwinds, so failed runs leave nothing on the shared broker. Only
+/// on a panic: a passing test may hand its exchange on to another relay on purpose.
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if self.cleaned || !std::thread::panicking() {
+            return;
+        }
+        let toml = std::mem::take(&mut self.toml);
+        // Drop cannot await, and the test's runtime may be the one unwinding: clean up
+        // on a thread of its own with a runtime of its own, bounded in time.
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                rt.block_on(async { tokio::time::timeout(Duration::from_secs(15), cleanup(&toml)).await })
+                    .ok();
+            }
+        })
+        .join();
     }
 }
