@@ -35,7 +35,7 @@ pub const IDLE_BEFORE_EVICTION: Duration = Duration::from_millis(100);
 /// its connection's task first ran, and the connection was closed under it. A
 /// longer grace only slows how fast silent openers are cycled out
 /// (`max_connections` per grace).
-pub const FRESH_GRACE: Duration = Duration::from_millis(500);
+pub const FRESH_GRACE: Duration = Duration::from_millis(300);
 
 /// Set in [`Slot::state`] once the slot has been chosen for closing; the low bits
 /// count requests inside the handler.
