@@ -212,6 +212,47 @@ async fn attacker(addr: SocketAddr, kind: usize, stop: Arc<AtomicBool>, stats: A
     }
 }
 
+/// Reconnecting attackers against one relay.
+struct Attack {
+    stop: Arc<AtomicBool>,
+    stats: Arc<AttackStats>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Attack {
+    /// Starts `n` attackers (the i-th of kind `kinds[i % kinds.len()]`) and waits until
+    /// `ready` holds for their stats (`what` names it in the timeout message).
+    async fn start(
+        addr: SocketAddr,
+        n: usize,
+        kinds: &[usize],
+        what: &str,
+        ready: impl Fn(&AttackStats) -> bool + Copy + Send + 'static,
+    ) -> Attack {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(AttackStats::default());
+        let tasks = (0..n)
+            .map(|i| tokio::spawn(attacker(addr, kinds[i % kinds.len()], stop.clone(), stats.clone())))
+            .collect();
+        let s = stats.clone();
+        eventually(what, Duration::from_secs(30), || {
+            let s = s.clone();
+            async move { ready(&s).then_some(()) }
+        })
+        .await;
+        Attack { stop, stats, tasks }
+    }
+
+    /// Stops every attacker; returns what they did.
+    fn stop(self) -> Arc<AttackStats> {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.abort();
+        }
+        self.stats
+    }
+}
+
 /// Runs `fut` on a thread and runtime of its own: an honest sender is another machine,
 /// not one more task queued behind thousands of attacker tasks on the test's two
 /// workers (there, its head was seen reaching the socket more than 500 ms after it
@@ -236,15 +277,8 @@ async fn flood(attackers: usize, kinds: &[usize], max_connections: usize) -> Vec
     const HEADER_MS: u64 = 2_000;
     const REQUEST_MS: u64 = 3_000;
     let relay = relay_with(max_connections, HEADER_MS, REQUEST_MS).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let stats = Arc::new(AttackStats::default());
-    let tasks: Vec<_> = (0..attackers)
-        .map(|i| tokio::spawn(attacker(relay.ingest, kinds[i % kinds.len()], stop.clone(), stats.clone())))
-        .collect();
-    let s = stats.clone();
-    eventually("every attacker to be connected", Duration::from_secs(30), || {
-        let s = s.clone();
-        async move { (s.started.load(Ordering::Relaxed) >= attackers).then_some(()) }
+    let attack = Attack::start(relay.ingest, attackers, kinds, "every attacker to be connected", move |s| {
+        s.started.load(Ordering::Relaxed) >= attackers
     })
     .await;
 
@@ -263,10 +297,7 @@ async fn flood(attackers: usize, kinds: &[usize], max_connections: usize) -> Vec
         assert_eq!(answer.0, 200, "{}", String::from_utf8_lossy(&answer.2));
         latencies.push(t0.elapsed());
     }
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.abort();
-    }
+    let stats = attack.stop();
     latencies.sort();
     let opened = stats.opened.load(Ordering::Relaxed);
     let closed = stats.closed_by_relay.load(Ordering::Relaxed);
@@ -312,15 +343,8 @@ async fn a_sender_whose_head_is_late_is_not_closed_to_make_room() {
     let _one_at_a_time = FLOODS.lock().await;
     const SLOTS: usize = 16;
     let relay = relay_with(SLOTS, 5_000, 5_000).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let stats = Arc::new(AttackStats::default());
-    let tasks: Vec<_> = (0..SLOTS + 4)
-        .map(|_| tokio::spawn(attacker(relay.ingest, 0, stop.clone(), stats.clone())))
-        .collect();
-    let s = stats.clone();
-    eventually("the relay to close attackers", Duration::from_secs(30), || {
-        let s = s.clone();
-        async move { (s.closed_by_relay.load(Ordering::Relaxed) >= SLOTS).then_some(()) }
+    let attack = Attack::start(relay.ingest, SLOTS + 4, &[0], "the relay to close attackers", |s| {
+        s.closed_by_relay.load(Ordering::Relaxed) >= SLOTS
     })
     .await;
     // A sender whose head comes 200 ms after it connected: what a starved client (or
@@ -339,9 +363,6 @@ async fn a_sender_whose_head_is_late_is_not_closed_to_make_room() {
         .await;
         assert!(sent.is_ok() && status_of(&answer) == 200, "{sent:?} {}", String::from_utf8_lossy(&answer));
     }
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.abort();
-    }
+    attack.stop();
     relay.stop_and_cleanup().await;
 }
