@@ -25,7 +25,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use lapin::options::BasicPublishOptions;
-use lapin::{BasicProperties, Channel, Confirmation};
+use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
 use tokio::time::{Instant, sleep, timeout_at};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -87,6 +87,21 @@ async fn on_link<F: Future>(link: &Link, deadline: Instant, fut: F) -> Result<F:
     }
 }
 
+/// Hands `msg` to the channel; resolves once it is written, to the broker's confirm.
+fn send<'c>(
+    ch: &'c Channel,
+    msg: &Message<'c>,
+    properties: BasicProperties,
+) -> impl Future<Output = lapin::Result<PublisherConfirm>> + 'c {
+    ch.basic_publish(msg.exchange.into(), msg.routing_key.into(), PUBLISH_OPTIONS, msg.body, properties)
+}
+
+/// A client error on a channel (`what`: `Publish`, `Confirm`) is a channel error.
+fn channel_error(what: &str, error: &lapin::Error) -> Attempt {
+    debug!(%error, "{what} failed on its channel.");
+    Attempt::ChannelError
+}
+
 impl AmqpPublisher {
     /// Starts the connection supervisor. Publishing works as soon as the first
     /// connection is up; until then publishes wait (within their deadline).
@@ -113,7 +128,7 @@ impl AmqpPublisher {
     }
 
     /// The live link and a connected confirm-mode channel of it, replacing a dead one.
-    async fn channel(&self, deadline: Instant) -> Result<(Arc<Link>, Channel), Attempt> {
+    async fn channel(&self, deadline: Instant) -> Result<(Arc<Link>, Arc<Channel>), Attempt> {
         let link = self.inner.state.wait(deadline).await?;
         match on_link(&link, deadline, link.pool().channel(link.connection(), deadline)).await {
             Ok(Ok(ch)) => Ok((link, ch)),
@@ -145,26 +160,9 @@ impl AmqpPublisher {
         }
     }
 
-    /// One step of an attempt (`what`: `Publish`, `Confirm`) on `link`: a client error
-    /// is a channel error; the deadline or a condemned link stops the attempt.
-    async fn step<T>(
-        &self,
-        link: &Arc<Link>,
-        deadline: Instant,
-        what: &str,
-        fut: impl Future<Output = Result<T, lapin::Error>>,
-    ) -> Result<T, Attempt> {
-        match on_link(link, deadline, fut).await {
-            Err(stop) => Err(self.stopped(link, stop)),
-            Ok(Err(error)) => {
-                debug!(%error, "{what} failed on its channel.");
-                Err(Attempt::ChannelError)
-            }
-            Ok(Ok(out)) => Ok(out),
-        }
-    }
-
-    /// One publish and its confirm, bounded by `deadline`.
+    /// One publish and its confirm, bounded by `deadline`. The channel, the publish
+    /// and the confirm share one deadline timer and one watch on the link: this runs
+    /// for every event, and each timer or watch is a registration and a lock.
     async fn attempt(
         &self,
         source: &str,
@@ -172,17 +170,20 @@ impl AmqpPublisher {
         properties: BasicProperties,
         deadline: Instant,
     ) -> Result<(), Attempt> {
-        let (link, ch) = self.channel(deadline).await?;
-        let started = Instant::now();
-        let publish = ch.basic_publish(
-            msg.exchange.into(),
-            msg.routing_key.into(),
-            PUBLISH_OPTIONS,
-            msg.body,
-            properties,
-        );
-        let confirm = self.step(&link, deadline, "Publish", publish).await?;
-        let confirmation = self.step(&link, deadline, "Confirm", confirm).await?;
+        let link = self.inner.state.wait(deadline).await?;
+        let exchange = on_link(&link, deadline, async {
+            let ch = link.pool().channel(link.connection(), deadline).await?;
+            let started = Instant::now();
+            let confirm = send(&ch, &msg, properties).await.map_err(|e| channel_error("Publish", &e))?;
+            let confirmation = confirm.await.map_err(|e| channel_error("Confirm", &e))?;
+            Ok((ch, started, confirmation))
+        });
+        let (ch, started, confirmation) = match exchange.await {
+            Ok(Ok(done)) => done,
+            Ok(Err(Attempt::Timeout)) => return Err(self.timed_out(&link)),
+            Ok(Err(other)) => return Err(other),
+            Err(stop) => return Err(self.stopped(&link, stop)),
+        };
         self.inner.state.confirmed(&link);
         self.inner.metrics.confirm_latency(source, started.elapsed());
         if let Confirmation::Nack(_) = confirmation {
@@ -305,13 +306,7 @@ impl Broker for AmqpPublisher {
         };
         let mut pending = Vec::with_capacity(batch.len());
         for env in batch {
-            let publish = ch.basic_publish(
-                self.inner.cfg.exchange.as_str().into(),
-                env.routing_key.as_str().into(),
-                PUBLISH_OPTIONS,
-                &env.body,
-                properties(env),
-            );
+            let publish = send(&ch, &Message::of(&self.inner.cfg.exchange, env), properties(env));
             match on_link(&link, deadline, publish).await {
                 Ok(Ok(confirm)) => pending.push(confirm),
                 Ok(Err(_)) => break,

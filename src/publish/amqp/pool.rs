@@ -5,8 +5,8 @@
 //! every publish, forever, on a channel whose first publish to a quorum queue met a
 //! dead leader, while a fresh channel works as soon as a new leader is elected.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU16, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lapin::options::ConfirmSelectOptions;
@@ -22,8 +22,10 @@ pub const NACKS_BEFORE_REPLACING: u32 = 3;
 const REPLACED_CHANNEL_GRACE: Duration = Duration::from_secs(10);
 
 /// One pooled channel, the lock that serialises its replacement, and its nacks in a row.
+/// The channel sits in an `Arc`: every publish takes it, and cloning a lapin `Channel`
+/// itself touches a dozen reference counts.
 struct Slot {
-    channel: Mutex<Channel>,
+    channel: Mutex<Arc<Channel>>,
     repair: tokio::sync::Mutex<()>,
     /// The channel's id, to match a confirm to its slot without the lock.
     id: AtomicU16,
@@ -35,20 +37,20 @@ impl Slot {
     fn new(channel: Channel) -> Self {
         Slot {
             id: AtomicU16::new(channel.id()),
-            channel: Mutex::new(channel),
+            channel: Mutex::new(Arc::new(channel)),
             repair: tokio::sync::Mutex::new(()),
             nacks: AtomicU32::new(0),
         }
     }
 
-    fn get(&self) -> Channel {
+    fn get(&self) -> Arc<Channel> {
         match self.channel.lock() {
             Ok(ch) => ch.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         }
     }
 
-    fn set(&self, ch: Channel) {
+    fn set(&self, ch: Arc<Channel>) {
         self.id.store(ch.id(), Ordering::Relaxed);
         self.nacks.store(0, Ordering::Relaxed);
         match self.channel.lock() {
@@ -108,7 +110,7 @@ impl ChannelPool {
         }
         match timeout_at(deadline, open_confirm_channel(conn)).await {
             Ok(Ok(fresh)) => {
-                slot.set(fresh);
+                slot.set(Arc::new(fresh));
                 warn!(
                     nacks = NACKS_BEFORE_REPLACING,
                     "A channel nacked publishes in a row; replaced it with a fresh one."
@@ -129,7 +131,7 @@ impl ChannelPool {
     }
 
     /// The next channel round-robin, replacing it first if it was closed.
-    pub async fn channel(&self, conn: &Connection, deadline: Instant) -> Result<Channel, Attempt> {
+    pub async fn channel(&self, conn: &Connection, deadline: Instant) -> Result<Arc<Channel>, Attempt> {
         if self.slots.is_empty() {
             return Err(Attempt::Unavailable);
         }
@@ -155,6 +157,7 @@ impl ChannelPool {
                 Attempt::ChannelError
             })?;
         debug!(slot = i, "Replaced a closed channel.");
+        let fresh = Arc::new(fresh);
         slot.set(fresh.clone());
         Ok(fresh)
     }
