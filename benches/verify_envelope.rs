@@ -97,6 +97,11 @@ fn parts(c: &mut Criterion) {
     group.bench_function("json_skim_serde_ignored_any", |b| {
         b.iter(|| serde_json::from_slice::<serde::de::IgnoredAny>(black_box(&body)).is_ok())
     });
+    group.bench_function("json_scan_patreon_paths", |b| {
+        b.iter(|| {
+            hookrelay::verify::json::scan(black_box(&body), &[&["data", "id"], &["data", "type"]]).is_ok()
+        })
+    });
     group.bench_function("utf8_validate", |b| b.iter(|| std::str::from_utf8(black_box(&body)).is_ok()));
     group.bench_function("rfc3339_time", |b| {
         b.iter(|| humantime::format_rfc3339_micros(black_box(now())).to_string())
