@@ -38,6 +38,15 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f
 pub type Response = (u16, HashMap<String, String>, Bytes);
 
 async fn send(addr: SocketAddr, req: Request<Full<Bytes>>) -> Response {
+    // A relay that never answers fails the test here, with what it was asked, instead
+    // of hanging the whole run.
+    let what = format!("{} {}", req.method(), req.uri());
+    tokio::time::timeout(Duration::from_secs(30), exchange(addr, req))
+        .await
+        .unwrap_or_else(|_| panic!("{what} on {addr}: no complete answer within 30 s"))
+}
+
+async fn exchange(addr: SocketAddr, req: Request<Full<Bytes>>) -> Response {
     let stream = TcpStream::connect(addr).await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
     tokio::spawn(conn);
