@@ -98,29 +98,34 @@ fn slack_provider() -> Box<dyn Provider> {
     (slack::KIND.build)(&settings).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// Deepest bracket nesting outside strings (the envelope's own measure).
+/// Deepest bracket nesting outside strings (the envelope's own measure), worked out
+/// apart from the relay's code: strings are cut out first, then the brackets summed.
 fn depth(raw: &[u8]) -> usize {
-    let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0usize, false, false);
-    for &b in raw {
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
-            }
+    let mut outside = Vec::with_capacity(raw.len());
+    let mut bytes = raw.iter();
+    while let Some(&b) = bytes.next() {
+        if b != b'"' {
+            outside.push(b);
             continue;
         }
-        match b {
-            b'"' => in_string = true,
-            b'[' | b'{' => {
-                depth += 1;
-                max = max.max(depth);
+        // Up to the closing quote, stepping over each escaped byte.
+        while let Some(&c) = bytes.next() {
+            match c {
+                b'\\' => {
+                    bytes.next();
+                }
+                b'"' => break,
+                _ => {}
             }
-            b']' | b'}' => depth = depth.saturating_sub(1),
-            _ => {}
         }
     }
-    max
+    let running = outside.iter().scan(0usize, |depth, &b| {
+        match b {
+            b'[' | b'{' => *depth += 1,
+            b']' | b'}' => *depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        Some(*depth)
+    });
+    running.max().unwrap_or(0)
 }

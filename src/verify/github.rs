@@ -8,11 +8,14 @@
 use std::borrow::Cow;
 use std::time::SystemTime;
 
+use std::sync::LazyLock;
+
 use super::event::{self, EventSource};
-use super::keys::{Sha256Keys, hex_digest, mac};
+use super::keyed::{self, Keyed, KnownEvents, Layout, lines};
+use super::keys::{hex_digest, mac};
 use super::{
-    Data, HeaderLines, HeaderMap, HeaderName, Kind, Outcome, Provider, ProviderSettings, SettingError, Shape,
-    SignInput, SignatureError, Verified, data_for, header, json,
+    Data, HeaderLines, HeaderMap, Kind, Outcome, Provider, ProviderSettings, SettingError, SignInput,
+    SignatureError, Verified, data_for, header, json,
 };
 
 /// Header carrying `sha256=<hex>`.
@@ -31,101 +34,39 @@ pub const KIND: Kind =
 
 /// GitHub's commonly subscribed events (the `event` label is the `X-GitHub-Event`
 /// value when listed here, without the action, else `other`).
-pub const KNOWN_EVENTS: &[&str] = &[
-    "ping",
-    "push",
-    "pull_request",
-    "pull_request_review",
-    "pull_request_review_comment",
-    "pull_request_review_thread",
-    "issues",
-    "issue_comment",
-    "create",
-    "delete",
-    "release",
-    "workflow_run",
-    "workflow_job",
-    "workflow_dispatch",
-    "check_run",
-    "check_suite",
-    "status",
-    "deployment",
-    "deployment_status",
-    "fork",
-    "watch",
-    "star",
-    "repository",
-    "member",
-    "membership",
-    "organization",
-    "team",
-    "installation",
-    "installation_repositories",
-    "discussion",
-    "discussion_comment",
-    "package",
-    "registry_package",
-    "label",
-    "milestone",
-    "public",
-    "gollum",
-    "merge_group",
-    "dependabot_alert",
-    "code_scanning_alert",
-    "secret_scanning_alert",
-    "security_advisory",
-    "repository_vulnerability_alert",
-];
+pub static KNOWN_EVENTS: KnownEvents = LazyLock::new(|| lines(include_str!("known_events/github.txt")));
 
 fn build(settings: &ProviderSettings<'_>) -> Result<Box<dyn Provider>, SettingError> {
-    settings.options.refuse_all(KIND.name)?;
-    let names = [SIGNATURE_HEADER, EVENT_HEADER, DELIVERY_HEADER].map(HeaderName::from_static);
-    let keys = Sha256Keys::new(settings.secrets.iter().copied());
-    let shape = Shape::new(&names, Some((1, EVENT_SOURCE)), KNOWN_EVENTS, keys.len());
-    Ok(Box::new(GitHub { keys, names, shape }))
+    let names = [SIGNATURE_HEADER, EVENT_HEADER, DELIVERY_HEADER];
+    let layout = Layout { kind: KIND.name, names, event: Some((1, EVENT_SOURCE)), known: &KNOWN_EVENTS };
+    Keyed::build(settings, settings.secrets.iter().copied(), layout, verify)
 }
 
-/// A GitHub source's verifier.
-#[derive(Debug)]
-struct GitHub {
-    keys: Sha256Keys,
-    names: [HeaderName; 3],
-    shape: Shape,
-}
-
-impl Provider for GitHub {
-    fn shape(&self) -> &Shape {
-        &self.shape
-    }
-
-    fn verify<'a>(&self, headers: &'a HeaderMap, body: &'a [u8], _now: SystemTime) -> Outcome<'a> {
-        let [signature, event, delivery] = &self.names;
-        let sig = header(headers, signature).ok_or(SignatureError::Missing)?.trim_ascii();
-        let digest = sig.strip_prefix(PREFIX).and_then(hex_digest::<32>).ok_or(SignatureError::Malformed)?;
-        if !self.keys.any_matches(&[body], &[digest]) {
-            return Err(SignatureError::Mismatch.into());
-        }
-        let base = event::check(header(headers, event), EVENT_SOURCE)?;
-        let data = data_for(headers);
-        let name = match data {
-            Data::Json => {
-                let [action, ..] = json::scan(body, &[&["action"]])?;
-                match action.and_then(json::Found::into_str) {
-                    Some(action) => {
-                        let full = format!("{base}.{action}");
-                        event::check(Some(full.as_bytes()), EventSource::Body("action"))?;
-                        Cow::Owned(full)
-                    }
-                    None => Cow::Borrowed(base),
+fn verify<'a>(source: &Keyed<3>, headers: &'a HeaderMap, body: &'a [u8], _now: SystemTime) -> Outcome<'a> {
+    let [signature, event, delivery] = &source.names;
+    let sig = header(headers, signature).ok_or(SignatureError::Missing)?.trim_ascii();
+    let digest = sig.strip_prefix(PREFIX).and_then(hex_digest::<32>).ok_or(SignatureError::Malformed)?;
+    source.check(&[body], &[digest])?;
+    let base = event::check(header(headers, event), EVENT_SOURCE)?;
+    let data = data_for(headers);
+    let name = match data {
+        Data::Json => {
+            let [action, ..] = json::scan(body, &[&["action"]])?;
+            match action.and_then(json::Found::into_str) {
+                Some(action) => {
+                    let full = format!("{base}.{action}");
+                    event::check(Some(full.as_bytes()), EventSource::Body("action"))?;
+                    Cow::Owned(full)
                 }
+                None => Cow::Borrowed(base),
             }
-            // A form post (`payload=…`): relayed as bytes, named by the header alone.
-            Data::Binary { .. } => Cow::Borrowed(base),
-        };
-        let label = event::label(base, KNOWN_EVENTS);
-        let id = event::delivery_id_bytes(header(headers, delivery));
-        Ok(Verified::new(body, name, label).with_delivery_id(id).with_data(data))
-    }
+        }
+        // A form post (`payload=…`): relayed as bytes, named by the header alone.
+        Data::Binary { .. } => Cow::Borrowed(base),
+    };
+    let label = event::label(base, source.known());
+    let id = event::delivery_id_bytes(header(headers, delivery));
+    Ok(Verified::new(body, name, label).with_delivery_id(id).with_data(data))
 }
 
 /// The `X-Hub-Signature-256` value a delivery of `body` carries.
@@ -134,12 +75,8 @@ pub fn sign(secret: &[u8], body: &[u8]) -> String {
 }
 
 fn sign_headers(input: &SignInput<'_>) -> Result<HeaderLines, SettingError> {
-    input.options.refuse_all(KIND.name)?;
-    Ok(vec![
-        ("X-GitHub-Event".into(), input.event.unwrap_or("ping").into()),
-        ("X-GitHub-Delivery".into(), input.id.into()),
-        ("X-Hub-Signature-256".into(), sign(input.secret, input.body)),
-    ])
+    let names = ["X-GitHub-Event", "X-GitHub-Delivery", "X-Hub-Signature-256"];
+    keyed::body_signed_headers(input, KIND.name, names, "ping", sign)
 }
 
 #[cfg(test)]
@@ -156,12 +93,18 @@ mod tests {
 
     const SECRET: &str = "It's a Secret to Everybody";
 
+    /// Vector `id`: itself, its body, its headers as a `ping`, and a verifier keyed
+    /// with [`SECRET`].
+    fn ping(id: &str) -> (serde_json::Value, Vec<u8>, HeaderMap, Box<dyn Provider>) {
+        let v = vector(id);
+        let body = vector_body(&v);
+        let h = vector_headers(&v, &[("x-github-event", "ping")]);
+        (v, body, h, build(&KIND, &[SECRET]))
+    }
+
     #[test]
     fn official_vector() {
-        let v = vector("github-official");
-        let body = vector_body(&v);
-        let p = build(&KIND, &[SECRET]);
-        let h = vector_headers(&v, &[("x-github-event", "ping")]);
+        let (v, body, h, p) = ping("github-official");
         let ok = p.verify(&h, &body, at(0));
         // "Hello, World!" is not JSON, but a GitHub form post need not be.
         assert_eq!(ok.unwrap_err(), VerifyError::Json(json::JsonError::Invalid));
@@ -173,10 +116,7 @@ mod tests {
 
     #[test]
     fn sha1_alone_is_unsigned() {
-        let v = vector("github-computed-sha1-legacy");
-        let body = vector_body(&v);
-        let p = build(&KIND, &[SECRET]);
-        let h = vector_headers(&v, &[("x-github-event", "ping")]);
+        let (_, body, h, p) = ping("github-computed-sha1-legacy");
         assert_eq!(p.verify(&h, &body, at(0)).unwrap_err(), VerifyError::Signature(SignatureError::Missing));
     }
 

@@ -29,6 +29,7 @@ pub mod event;
 pub mod github;
 pub mod hmac_generic;
 pub mod json;
+mod keyed;
 mod keys;
 pub mod patreon;
 mod registry;
@@ -414,13 +415,14 @@ mod tests {
     /// What `hookrelay sign` prints for a kind is what its verifier accepts.
     #[test]
     fn every_kind_verifies_what_it_signs() {
+        let set = |value: &str| Some(value.to_owned());
         let hmac = KindOptions {
-            signature_header: Some("X-Sig".into()),
-            algorithm: Some("sha1".into()),
-            encoding: Some("base64".into()),
-            signature_prefix: Some("sha1=".into()),
-            event_header: Some("X-Event".into()),
-            id_header: Some("X-Id".into()),
+            signature_header: set("X-Sig"),
+            algorithm: set("sha1"),
+            encoding: set("base64"),
+            signature_prefix: set("sha1="),
+            event_header: set("X-Event"),
+            id_header: set("X-Id"),
         };
         let none = KindOptions::default();
         let body = br#"{"type":"thing.done","id":"evt_1","event_id":"Ev1"}"#;

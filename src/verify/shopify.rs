@@ -5,11 +5,14 @@
 
 use std::time::SystemTime;
 
+use std::sync::LazyLock;
+
 use super::event::{self, EventSource};
-use super::keys::{Sha256Keys, base64, base64_digest, mac};
+use super::keyed::{self, Keyed, KnownEvents, Layout, lines};
+use super::keys::{base64, base64_digest, mac};
 use super::{
-    HeaderLines, HeaderMap, HeaderName, Kind, Outcome, Provider, ProviderSettings, SettingError, Shape,
-    SignInput, SignatureError, Verified, header, json,
+    HeaderLines, HeaderMap, Kind, Outcome, Provider, ProviderSettings, SettingError, SignInput,
+    SignatureError, Verified, header, json,
 };
 
 /// Header carrying the base64 digest.
@@ -29,71 +32,25 @@ pub const KIND: Kind =
 
 /// Topics counted by name (the `event` label, as Shopify writes them); others count
 /// as `other`.
-pub const KNOWN_EVENTS: &[&str] = &[
-    "app/uninstalled",
-    "carts/create",
-    "carts/update",
-    "checkouts/create",
-    "checkouts/update",
-    "customers/create",
-    "customers/data_request",
-    "customers/delete",
-    "customers/redact",
-    "customers/update",
-    "fulfillments/create",
-    "fulfillments/update",
-    "inventory_levels/update",
-    "orders/cancelled",
-    "orders/create",
-    "orders/delete",
-    "orders/fulfilled",
-    "orders/paid",
-    "orders/partially_fulfilled",
-    "orders/updated",
-    "products/create",
-    "products/delete",
-    "products/update",
-    "refunds/create",
-    "shop/redact",
-    "shop/update",
-];
+pub static KNOWN_EVENTS: KnownEvents = LazyLock::new(|| lines(include_str!("known_events/shopify.txt")));
 
 fn build(settings: &ProviderSettings<'_>) -> Result<Box<dyn Provider>, SettingError> {
-    settings.options.refuse_all(KIND.name)?;
-    let names =
-        [SIGNATURE_HEADER, TOPIC_HEADER, EVENT_ID_HEADER, WEBHOOK_ID_HEADER].map(HeaderName::from_static);
-    let keys = Sha256Keys::new(settings.secrets.iter().copied());
-    let shape = Shape::new(&names, Some((1, EVENT_SOURCE)), KNOWN_EVENTS, keys.len());
-    Ok(Box::new(Shopify { keys, names, shape }))
+    let names = [SIGNATURE_HEADER, TOPIC_HEADER, EVENT_ID_HEADER, WEBHOOK_ID_HEADER];
+    let layout = Layout { kind: KIND.name, names, event: Some((1, EVENT_SOURCE)), known: &KNOWN_EVENTS };
+    Keyed::build(settings, settings.secrets.iter().copied(), layout, verify)
 }
 
-/// A Shopify source's verifier.
-#[derive(Debug)]
-struct Shopify {
-    keys: Sha256Keys,
-    names: [HeaderName; 4],
-    shape: Shape,
-}
-
-impl Provider for Shopify {
-    fn shape(&self) -> &Shape {
-        &self.shape
-    }
-
-    fn verify<'a>(&self, headers: &'a HeaderMap, body: &'a [u8], _now: SystemTime) -> Outcome<'a> {
-        let [signature, topic, event_id, webhook_id] = &self.names;
-        let sig = header(headers, signature).ok_or(SignatureError::Missing)?;
-        let digest = base64_digest::<32>(sig).ok_or(SignatureError::Malformed)?;
-        if !self.keys.any_matches(&[body], &[digest]) {
-            return Err(SignatureError::Mismatch.into());
-        }
-        let name = event::check(header(headers, topic), EVENT_SOURCE)?;
-        json::scan(body, &[])?;
-        let id = event::delivery_id_bytes(header(headers, event_id))
-            .or_else(|| event::delivery_id_bytes(header(headers, webhook_id)));
-        let label = event::label(name, KNOWN_EVENTS);
-        Ok(Verified::new(body, name.into(), label).with_delivery_id(id))
-    }
+fn verify<'a>(source: &Keyed<4>, headers: &'a HeaderMap, body: &'a [u8], _now: SystemTime) -> Outcome<'a> {
+    let [signature, topic, event_id, webhook_id] = &source.names;
+    let sig = header(headers, signature).ok_or(SignatureError::Missing)?;
+    let digest = base64_digest::<32>(sig).ok_or(SignatureError::Malformed)?;
+    source.check(&[body], &[digest])?;
+    let name = event::check(header(headers, topic), EVENT_SOURCE)?;
+    json::scan(body, &[])?;
+    let id = event::delivery_id_bytes(header(headers, event_id))
+        .or_else(|| event::delivery_id_bytes(header(headers, webhook_id)));
+    let label = event::label(name, source.known());
+    Ok(Verified::new(body, name.into(), label).with_delivery_id(id))
 }
 
 /// The `X-Shopify-Hmac-Sha256` value a delivery of `body` carries.
@@ -102,12 +59,8 @@ pub fn sign(secret: &[u8], body: &[u8]) -> String {
 }
 
 fn sign_headers(input: &SignInput<'_>) -> Result<HeaderLines, SettingError> {
-    input.options.refuse_all(KIND.name)?;
-    Ok(vec![
-        ("X-Shopify-Topic".into(), input.event.unwrap_or("orders/create").into()),
-        ("X-Shopify-Event-Id".into(), input.id.into()),
-        ("X-Shopify-Hmac-Sha256".into(), sign(input.secret, input.body)),
-    ])
+    let names = ["X-Shopify-Topic", "X-Shopify-Event-Id", "X-Shopify-Hmac-Sha256"];
+    keyed::body_signed_headers(input, KIND.name, names, "orders/create", sign)
 }
 
 #[cfg(test)]

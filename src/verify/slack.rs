@@ -9,13 +9,16 @@
 //! else `interaction`. A signed `url_verification` is answered with its challenge.
 
 use std::borrow::Cow;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
+
+use std::sync::LazyLock;
 
 use super::event::{self, EventSource};
-use super::keys::{Sha256Keys, hex_digest, mac};
+use super::keyed::{Keyed, KnownEvents, Layout, lines};
+use super::keys::{hex_digest, mac};
 use super::{
-    Data, HeaderLines, HeaderMap, HeaderName, Kind, Outcome, Provider, ProviderSettings, SettingError, Shape,
-    SignInput, SignatureError, Verified, VerifyError, check_timestamp, data_for, header, json,
+    Data, HeaderLines, HeaderMap, Kind, Outcome, Provider, ProviderSettings, SettingError, SignInput,
+    SignatureError, Verified, VerifyError, check_timestamp, data_for, header, json,
 };
 
 /// Header carrying `v0=<hex>`.
@@ -31,75 +34,38 @@ pub const KIND: Kind =
     Kind { name: "slack", default_type_prefix: Some("com.slack"), build, sign: sign_headers };
 
 /// Event names counted by name (the `event` label); others count as `other`.
-pub const KNOWN_EVENTS: &[&str] = &[
-    "command",
-    "interaction",
-    "url_verification",
-    "app_rate_limited",
-    "event.app_home_opened",
-    "event.app_mention",
-    "event.app_uninstalled",
-    "event.channel_created",
-    "event.channel_deleted",
-    "event.channel_rename",
-    "event.emoji_changed",
-    "event.file_shared",
-    "event.member_joined_channel",
-    "event.member_left_channel",
-    "event.message",
-    "event.reaction_added",
-    "event.reaction_removed",
-    "event.team_join",
-    "event.tokens_revoked",
-    "event.user_change",
-];
+pub static KNOWN_EVENTS: KnownEvents = LazyLock::new(|| lines(include_str!("known_events/slack.txt")));
 
 fn build(settings: &ProviderSettings<'_>) -> Result<Box<dyn Provider>, SettingError> {
-    settings.options.refuse_all(KIND.name)?;
-    let names = [SIGNATURE_HEADER, TIMESTAMP_HEADER].map(HeaderName::from_static);
-    let keys = Sha256Keys::new(settings.secrets.iter().copied());
-    let shape = Shape::new(&names, None, KNOWN_EVENTS, keys.len());
-    Ok(Box::new(Slack { keys, tolerance: settings.tolerance, names, shape }))
+    let layout = Layout {
+        kind: KIND.name,
+        names: [SIGNATURE_HEADER, TIMESTAMP_HEADER],
+        event: None,
+        known: &KNOWN_EVENTS,
+    };
+    Keyed::build(settings, settings.secrets.iter().copied(), layout, verify)
 }
 
-/// A Slack source's verifier.
-#[derive(Debug)]
-struct Slack {
-    keys: Sha256Keys,
-    tolerance: Option<Duration>,
-    names: [HeaderName; 2],
-    shape: Shape,
-}
-
-impl Provider for Slack {
-    fn shape(&self) -> &Shape {
-        &self.shape
-    }
-
-    fn verify<'a>(&self, headers: &'a HeaderMap, body: &'a [u8], now: SystemTime) -> Outcome<'a> {
-        let [signature, timestamp] = &self.names;
-        let sig = header(headers, signature).ok_or(SignatureError::Missing)?.trim_ascii();
-        let digest = sig.strip_prefix(PREFIX).and_then(hex_digest::<32>).ok_or(SignatureError::Malformed)?;
-        let ts = header(headers, timestamp).map(<[u8]>::trim_ascii);
-        check_timestamp(ts, now, None)?;
-        let ts = ts.unwrap_or_default();
-        if !self.keys.any_matches(&[b"v0:", ts, b":", body], &[digest]) {
-            return Err(SignatureError::Mismatch.into());
-        }
-        check_timestamp(Some(ts), now, self.tolerance)?;
-        match data_for(headers) {
-            Data::Json => json_event(body),
-            binary @ Data::Binary { .. } => {
-                let name = if form_has_field(body, b"command") { "command" } else { "interaction" };
-                Ok(Verified::new(body, Cow::Borrowed(name), event::label(name, KNOWN_EVENTS))
-                    .with_data(binary))
-            }
+fn verify<'a>(source: &Keyed<2>, headers: &'a HeaderMap, body: &'a [u8], now: SystemTime) -> Outcome<'a> {
+    let [signature, timestamp] = &source.names;
+    let sig = header(headers, signature).ok_or(SignatureError::Missing)?.trim_ascii();
+    let digest = sig.strip_prefix(PREFIX).and_then(hex_digest::<32>).ok_or(SignatureError::Malformed)?;
+    let ts = header(headers, timestamp).map(<[u8]>::trim_ascii);
+    check_timestamp(ts, now, None)?;
+    let ts = ts.unwrap_or_default();
+    source.check(&[b"v0:", ts, b":", body], &[digest])?;
+    check_timestamp(Some(ts), now, source.tolerance)?;
+    match data_for(headers) {
+        Data::Json => json_event(body, source.known()),
+        binary @ Data::Binary { .. } => {
+            let name = if form_has_field(body, b"command") { "command" } else { "interaction" };
+            Ok(Verified::new(body, Cow::Borrowed(name), event::label(name, source.known())).with_data(binary))
         }
     }
 }
 
 /// Names an Events API body, and answers its URL verification.
-fn json_event(body: &[u8]) -> Result<Verified<'_>, VerifyError> {
+fn json_event<'a>(body: &'a [u8], known: &'static [&'static str]) -> Result<Verified<'a>, VerifyError> {
     let [kind, inner, event_id, challenge, ..] =
         json::scan(body, &[&["type"], &["event", "type"], &["event_id"], &["challenge"]])?;
     let kind = event::check_text(kind.and_then(json::Found::into_str), EventSource::Body("type"))?;
@@ -113,7 +79,7 @@ fn json_event(body: &[u8]) -> Result<Verified<'_>, VerifyError> {
     } else {
         kind
     };
-    let label = event::label(&name, KNOWN_EVENTS);
+    let label = event::label(&name, known);
     let verified = Verified::new(body, name, label)
         .with_delivery_id(event::delivery_id(event_id.and_then(json::Found::into_str)));
     if verified.event() == URL_VERIFICATION {

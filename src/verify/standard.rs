@@ -4,15 +4,16 @@
 //! after `whsec_`; the timestamp within the tolerance both ways. The event is the
 //! body's `type`, the delivery id `webhook-id` (kept on retries).
 
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use hmac::Hmac;
 
 use super::event::{self, EventSource};
-use super::keys::{Sha256Keys, base64, base64_digest, mac};
+use super::keyed::{Keyed, Layout};
+use super::keys::{base64, base64_digest, mac};
 use super::{
-    HeaderLines, HeaderMap, HeaderName, Kind, Outcome, Provider, ProviderSettings, SettingError, Shape,
-    SignInput, SignatureError, Verified, check_timestamp, header, json,
+    HeaderLines, HeaderMap, Kind, Outcome, Provider, ProviderSettings, SettingError, SignInput,
+    SignatureError, Verified, check_timestamp, header, json,
 };
 
 /// Most `v1` entries looked at in one header.
@@ -34,6 +35,7 @@ pub fn decode_secret(secret: &[u8]) -> Option<Vec<u8>> {
 }
 
 fn build(settings: &ProviderSettings<'_>) -> Result<Box<dyn Provider>, SettingError> {
+    // Options first, as every kind refuses them, then the secrets.
     settings.options.refuse_all(KIND.name)?;
     let mut keys = Vec::with_capacity(settings.secrets.len());
     for secret in &settings.secrets {
@@ -43,57 +45,38 @@ fn build(settings: &ProviderSettings<'_>) -> Result<Box<dyn Provider>, SettingEr
             problem: "a standard-webhooks secret is `whsec_` followed by base64".into(),
         })?);
     }
-    let names = NAMES.map(HeaderName::from_static);
-    let keys = Sha256Keys::new(keys.iter().map(Vec::as_slice));
-    let shape = Shape::new(&names, None, &[], keys.len());
-    Ok(Box::new(Standard { keys, tolerance: settings.tolerance, names, shape }))
+    let layout = Layout { kind: KIND.name, names: NAMES, event: None, known: &[] };
+    Keyed::build(settings, keys.iter().map(Vec::as_slice), layout, verify)
 }
 
-/// A Standard Webhooks source's verifier.
-#[derive(Debug)]
-struct Standard {
-    keys: Sha256Keys,
-    tolerance: Option<Duration>,
-    names: [HeaderName; 6],
-    shape: Shape,
-}
-
-impl Provider for Standard {
-    fn shape(&self) -> &Shape {
-        &self.shape
+fn verify<'a>(source: &Keyed<6>, headers: &'a HeaderMap, body: &'a [u8], now: SystemTime) -> Outcome<'a> {
+    // The `webhook-*` set when any of it is there, else the `svix-*` one.
+    let [wid, wts, wsig, sid, sts, ssig] = &source.names;
+    let standard = [wid, wts, wsig].iter().any(|n| headers.contains_key(*n));
+    let (id, ts, sig) = if standard { (wid, wts, wsig) } else { (sid, sts, ssig) };
+    let sig = header(headers, sig).ok_or(SignatureError::Missing)?;
+    let id = header(headers, id).ok_or(SignatureError::Missing)?;
+    let ts = header(headers, ts);
+    check_timestamp(ts, now, None)?;
+    let ts = ts.unwrap_or_default();
+    let mut candidates = [[0u8; 32]; MAX_V1];
+    let mut count = 0;
+    for entry in sig.split(|&b| b == b' ').filter(|e| !e.is_empty()) {
+        let Some(encoded) = entry.strip_prefix(b"v1,") else { continue };
+        if let (Some(digest), Some(slot)) = (base64_digest::<32>(encoded), candidates.get_mut(count)) {
+            *slot = digest;
+            count += 1;
+        }
     }
-
-    fn verify<'a>(&self, headers: &'a HeaderMap, body: &'a [u8], now: SystemTime) -> Outcome<'a> {
-        // The `webhook-*` set when any of it is there, else the `svix-*` one.
-        let [wid, wts, wsig, sid, sts, ssig] = &self.names;
-        let standard = [wid, wts, wsig].iter().any(|n| headers.contains_key(*n));
-        let (id, ts, sig) = if standard { (wid, wts, wsig) } else { (sid, sts, ssig) };
-        let sig = header(headers, sig).ok_or(SignatureError::Missing)?;
-        let id = header(headers, id).ok_or(SignatureError::Missing)?;
-        let ts = header(headers, ts);
-        check_timestamp(ts, now, None)?;
-        let ts = ts.unwrap_or_default();
-        let mut candidates = [[0u8; 32]; MAX_V1];
-        let mut count = 0;
-        for entry in sig.split(|&b| b == b' ').filter(|e| !e.is_empty()) {
-            let Some(encoded) = entry.strip_prefix(b"v1,") else { continue };
-            if let (Some(digest), Some(slot)) = (base64_digest::<32>(encoded), candidates.get_mut(count)) {
-                *slot = digest;
-                count += 1;
-            }
-        }
-        if count == 0 {
-            return Err(SignatureError::Malformed.into());
-        }
-        if !self.keys.any_matches(&[id, b".", ts, b".", body], &candidates[..count]) {
-            return Err(SignatureError::Mismatch.into());
-        }
-        check_timestamp(Some(ts), now, self.tolerance)?;
-        let [kind, ..] = json::scan(body, &[&["type"]])?;
-        let name = event::check_text(kind.and_then(json::Found::into_str), EventSource::Body("type"))?;
-        let id = event::delivery_id_bytes(Some(id));
-        Ok(Verified::new(body, name, "other").with_delivery_id(id))
+    if count == 0 {
+        return Err(SignatureError::Malformed.into());
     }
+    source.check(&[id, b".", ts, b".", body], &candidates[..count])?;
+    check_timestamp(Some(ts), now, source.tolerance)?;
+    let [kind, ..] = json::scan(body, &[&["type"]])?;
+    let name = event::check_text(kind.and_then(json::Found::into_str), EventSource::Body("type"))?;
+    let id = event::delivery_id_bytes(Some(id));
+    Ok(Verified::new(body, name, "other").with_delivery_id(id))
 }
 
 /// The `webhook-signature` value a delivery carries (`secret` as configured).

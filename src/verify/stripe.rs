@@ -7,13 +7,16 @@
 //! Tolerance: Stripe's own libraries refuse only timestamps older than the tolerance;
 //! hookrelay refuses both directions (a clock far ahead is no more trustworthy).
 
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
+
+use std::sync::LazyLock;
 
 use super::event::{self, EventSource};
-use super::keys::{Sha256Keys, hex_digest, mac};
+use super::keyed::{Keyed, KnownEvents, Layout, lines};
+use super::keys::{hex_digest, mac};
 use super::{
-    HeaderLines, HeaderMap, HeaderName, Kind, Outcome, Provider, ProviderSettings, SettingError, Shape,
-    SignInput, SignatureError, Verified, check_timestamp, header, json,
+    HeaderLines, HeaderMap, Kind, Outcome, Provider, ProviderSettings, SettingError, SignInput,
+    SignatureError, Verified, check_timestamp, header, json,
 };
 
 /// Header carrying `t=…,v1=…`.
@@ -27,64 +30,11 @@ pub const KIND: Kind =
     Kind { name: "stripe", default_type_prefix: Some("com.stripe"), build, sign: sign_headers };
 
 /// Stripe event types counted by name (the `event` label); others count as `other`.
-pub const KNOWN_EVENTS: &[&str] = &[
-    "account.updated",
-    "balance.available",
-    "charge.captured",
-    "charge.dispute.created",
-    "charge.failed",
-    "charge.refunded",
-    "charge.succeeded",
-    "checkout.session.async_payment_failed",
-    "checkout.session.async_payment_succeeded",
-    "checkout.session.completed",
-    "checkout.session.expired",
-    "customer.created",
-    "customer.deleted",
-    "customer.subscription.created",
-    "customer.subscription.deleted",
-    "customer.subscription.paused",
-    "customer.subscription.resumed",
-    "customer.subscription.trial_will_end",
-    "customer.subscription.updated",
-    "customer.updated",
-    "invoice.created",
-    "invoice.finalized",
-    "invoice.paid",
-    "invoice.payment_action_required",
-    "invoice.payment_failed",
-    "invoice.payment_succeeded",
-    "invoice.upcoming",
-    "payment_intent.canceled",
-    "payment_intent.created",
-    "payment_intent.payment_failed",
-    "payment_intent.processing",
-    "payment_intent.requires_action",
-    "payment_intent.succeeded",
-    "payment_method.attached",
-    "payout.failed",
-    "payout.paid",
-    "price.created",
-    "product.created",
-    "refund.created",
-    "setup_intent.succeeded",
-];
+pub static KNOWN_EVENTS: KnownEvents = LazyLock::new(|| lines(include_str!("known_events/stripe.txt")));
 
 fn build(settings: &ProviderSettings<'_>) -> Result<Box<dyn Provider>, SettingError> {
-    settings.options.refuse_all(KIND.name)?;
-    let name = HeaderName::from_static(SIGNATURE_HEADER);
-    let keys = Sha256Keys::new(settings.secrets.iter().copied());
-    let shape = Shape::new(std::slice::from_ref(&name), None, KNOWN_EVENTS, keys.len());
-    Ok(Box::new(Stripe { keys, tolerance: settings.tolerance, name, shape }))
-}
-
-/// A Stripe source's verifier.
-#[derive(Debug)]
-struct Stripe {
-    keys: Sha256Keys,
-    tolerance: Option<Duration>,
-    name: HeaderName,
-    shape: Shape,
+    let layout = Layout { kind: KIND.name, names: [SIGNATURE_HEADER], event: None, known: &KNOWN_EVENTS };
+    Keyed::build(settings, settings.secrets.iter().copied(), layout, verify)
 }
 
 /// The parts of a `Stripe-Signature` header.
@@ -125,35 +75,25 @@ fn parse(value: &[u8]) -> Result<Parsed<'_>, SignatureError> {
     Ok(parsed)
 }
 
-impl Provider for Stripe {
-    fn shape(&self) -> &Shape {
-        &self.shape
-    }
-
-    fn verify<'a>(&self, headers: &'a HeaderMap, body: &'a [u8], now: SystemTime) -> Outcome<'a> {
-        let value = header(headers, &self.name).ok_or(SignatureError::Missing)?;
-        let parsed = parse(value)?;
-        // Shape first (a malformed `t` is malformed, not stale), then the MAC, then the
-        // time: a forged request with an old `t` counts as a mismatch.
-        check_timestamp(Some(parsed.timestamp), now, None)?;
-        if !self.keys.any_matches(&[parsed.timestamp, b".", body], &parsed.v1[..parsed.count]) {
-            return Err(SignatureError::Mismatch.into());
-        }
-        check_timestamp(Some(parsed.timestamp), now, self.tolerance)?;
-        let [kind, id, object, object_id, ..] = json::scan(
-            body,
-            &[&["type"], &["id"], &["data", "object", "object"], &["data", "object", "id"]],
-        )?;
-        let name = event::check_text(kind.and_then(json::Found::into_str), EventSource::Body("type"))?;
-        let label = event::label(&name, KNOWN_EVENTS);
-        let subject =
-            match (object.and_then(json::Found::into_str), object_id.and_then(json::Found::into_str)) {
-                (Some(o), Some(i)) if !o.is_empty() && !i.is_empty() => Some(format!("{o}/{i}")),
-                _ => None,
-            };
-        let id = event::delivery_id(id.and_then(json::Found::into_str));
-        Ok(Verified::new(body, name, label).with_delivery_id(id).with_subject(subject))
-    }
+fn verify<'a>(source: &Keyed<1>, headers: &'a HeaderMap, body: &'a [u8], now: SystemTime) -> Outcome<'a> {
+    let [name] = &source.names;
+    let value = header(headers, name).ok_or(SignatureError::Missing)?;
+    let parsed = parse(value)?;
+    // Shape first (a malformed `t` is malformed, not stale), then the MAC, then the
+    // time: a forged request with an old `t` counts as a mismatch.
+    check_timestamp(Some(parsed.timestamp), now, None)?;
+    source.check(&[parsed.timestamp, b".", body], &parsed.v1[..parsed.count])?;
+    check_timestamp(Some(parsed.timestamp), now, source.tolerance)?;
+    let [kind, id, object, object_id, ..] =
+        json::scan(body, &[&["type"], &["id"], &["data", "object", "object"], &["data", "object", "id"]])?;
+    let name = event::check_text(kind.and_then(json::Found::into_str), EventSource::Body("type"))?;
+    let label = event::label(&name, source.known());
+    let subject = match (object.and_then(json::Found::into_str), object_id.and_then(json::Found::into_str)) {
+        (Some(o), Some(i)) if !o.is_empty() && !i.is_empty() => Some(format!("{o}/{i}")),
+        _ => None,
+    };
+    let id = event::delivery_id(id.and_then(json::Found::into_str));
+    Ok(Verified::new(body, name, label).with_delivery_id(id).with_subject(subject))
 }
 
 /// The `Stripe-Signature` value a delivery of `body` at `timestamp` carries.

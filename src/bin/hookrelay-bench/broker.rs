@@ -73,29 +73,23 @@ pub async fn purge(conn: &Connection, queue: &str) -> anyhow::Result<()> {
 
 /// Deletes every queue and exchange of `topology`; failures are reported, not fatal.
 pub async fn delete_topology(conn: &Connection, topology: &Topology) -> Vec<String> {
+    let queues = topology.queues.iter().map(|q| ("queue", q.name.as_str()));
+    let exchanges = topology.exchanges.iter().map(|e| ("exchange", e.name.as_str()));
     let mut problems = Vec::new();
-    for q in &topology.queues {
+    for (what, name) in queues.chain(exchanges) {
         let result = async {
             let ch = conn.create_channel().await?;
-            ch.queue_delete(q.name.as_str().into(), QueueDeleteOptions::default()).await?;
+            if what == "queue" {
+                ch.queue_delete(name.into(), QueueDeleteOptions::default()).await?;
+            } else {
+                ch.exchange_delete(name.into(), ExchangeDeleteOptions::default()).await?;
+            }
             ch.close(200, "deleted".into()).await
         };
         match timeout(OP_TIMEOUT, result).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => problems.push(format!("queue {}: {e}", q.name)),
-            Err(_) => problems.push(format!("queue {}: timed out", q.name)),
-        }
-    }
-    for e in &topology.exchanges {
-        let result = async {
-            let ch = conn.create_channel().await?;
-            ch.exchange_delete(e.name.as_str().into(), ExchangeDeleteOptions::default()).await?;
-            ch.close(200, "deleted".into()).await
-        };
-        match timeout(OP_TIMEOUT, result).await {
-            Ok(Ok(())) => {}
-            Ok(Err(err)) => problems.push(format!("exchange {}: {err}", e.name)),
-            Err(_) => problems.push(format!("exchange {}: timed out", e.name)),
+            Ok(Err(e)) => problems.push(format!("{what} {name}: {e}")),
+            Err(_) => problems.push(format!("{what} {name}: timed out")),
         }
     }
     problems
