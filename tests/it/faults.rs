@@ -245,11 +245,18 @@ async fn a_channel_that_keeps_nacking_is_replaced_and_publishing_goes_on() {
     relay.stop_and_cleanup().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unrouted_events_are_kept_in_the_unrouted_queue() {
+/// A relay whose source queue is unbound, so nothing routes its events, and a broker
+/// connection.
+async fn unbound_relay() -> (Relay, lapin::Connection) {
     let relay = Relay::start().await;
     let conn = broker().await;
     relay.unbind_source_queue().await;
+    (relay, conn)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unrouted_events_are_kept_in_the_unrouted_queue() {
+    let (relay, conn) = unbound_relay().await;
     let (status, id) = post_signed(relay.ingest, 1).await;
     assert_eq!(status, 200);
     // The relay sees unrouted events by reading the unrouted queue's depth.
@@ -262,9 +269,7 @@ async fn unrouted_events_are_kept_in_the_unrouted_queue() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn returned_events_are_dead_lettered_when_the_alternate_exchange_is_gone() {
-    let relay = Relay::start().await;
-    let conn = broker().await;
-    relay.unbind_source_queue().await;
+    let (relay, conn) = unbound_relay().await;
     let ch = conn.create_channel().await.unwrap();
     ch.exchange_delete(format!("{}.unrouted", relay.exchange).as_str().into(), Default::default())
         .await

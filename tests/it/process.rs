@@ -72,19 +72,12 @@ async fn sigterm_exits_zero_and_a_second_relay_cannot_share_the_spool() {
 #[test]
 fn check_config_validates_and_names_the_key() {
     let dir = temp_dir("hr-cfg");
-    let good = dir.join("good.toml");
-    std::fs::write(&good, "[sources.patreon]\nkind = \"patreon\"\nsecrets = \"s-NOT-REAL\"\n").unwrap();
-    let out = Command::new(BIN).arg("--config").arg(&good).arg("check-config").output().unwrap();
+    let source = "[sources.patreon]\nkind = \"patreon\"\nsecrets = \"s-NOT-REAL\"\n";
+    let out = check_config(&dir, "good", source);
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("configuration ok: 1 source(s)"));
 
-    let bad = dir.join("bad.toml");
-    std::fs::write(
-        &bad,
-        "[sources.patreon]\nkind = \"patreon\"\nsecrets = \"s-NOT-REAL\"\n[amqp]\npublish_timeout_ms = 0\n",
-    )
-    .unwrap();
-    let out = Command::new(BIN).arg("--config").arg(&bad).arg("check-config").output().unwrap();
+    let out = check_config(&dir, "bad", &format!("{source}[amqp]\npublish_timeout_ms = 0\n"));
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("amqp.publish_timeout_ms"), "{err}");
@@ -92,7 +85,7 @@ fn check_config_validates_and_names_the_key() {
 
     let out = Command::new(BIN)
         .arg("check-config")
-        .env("HOOKRELAY_CONFIG", &good)
+        .env("HOOKRELAY_CONFIG", dir.join("good.toml"))
         .env("HOOKRELAY_HTTP__LISTEN_ADDRESS", "x")
         .output()
         .unwrap();

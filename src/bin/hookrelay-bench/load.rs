@@ -130,25 +130,21 @@ async fn connection(
         })
         .await;
         let done = Instant::now();
-        match answer {
+        // A broken connection or a missing answer ends this connection's loop.
+        let fatal = match answer {
             Ok(Ok((200, _))) => {
-                log.succeeded += 1;
-                if window.counts(done) {
-                    log.latencies.push(done - began);
-                }
+                log.succeed(&window, began, done);
+                continue;
             }
             Ok(Ok((status, body))) => {
                 log.fail(|| format!("HTTP {status}: {}", String::from_utf8_lossy(&body).trim()));
+                continue;
             }
-            Ok(Err(e)) => {
-                log.fail(|| format!("request failed: {e}"));
-                break;
-            }
-            Err(_) => {
-                log.fail(|| format!("no answer within {REQUEST_TIMEOUT:?}"));
-                break;
-            }
-        }
+            Ok(Err(e)) => format!("request failed: {e}"),
+            Err(_) => format!("no answer within {REQUEST_TIMEOUT:?}"),
+        };
+        log.fail(|| fatal);
+        break;
     }
     drop(sender);
     let _ = timeout(Duration::from_secs(2), driver).await;

@@ -23,6 +23,7 @@
 //! links), and `cargo run --release --bin hookrelay-bench` builds it beside the binary
 //! it measures.
 
+mod args;
 mod bare;
 mod broker;
 mod load;
@@ -35,17 +36,16 @@ mod stats;
 mod window;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use clap::Parser;
 use lapin::Connection;
 use tokio::time::sleep_until;
 
-use crate::messages::{SOURCE, SizeMix, Workload};
+use crate::args::{Args, Side};
+use crate::messages::{SOURCE, Workload};
 use crate::raw::Variant;
 use crate::relay::{RelaySetup, Startup};
 use crate::report::{mib, ms};
@@ -54,87 +54,6 @@ use crate::window::Window;
 
 /// Hard cap on events in one measurement, whatever the duration.
 const MAX_EVENTS_PER_MEASUREMENT: u64 = 2_000_000;
-
-#[derive(Parser, Debug)]
-#[command(
-    name = "hookrelay-bench",
-    about = "hookrelay end to end beside the raw RabbitMQ publish-with-confirms limit.",
-    after_help = "Build first: cargo build --release --bins. Or run bench/run.sh."
-)]
-struct Args {
-    /// Broker to measure against (loopback only).
-    #[arg(long, env = "HOOKRELAY_BENCH_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
-    amqp_url: String,
-    /// The relay binary (default: `hookrelay` beside this binary, i.e. target/release).
-    #[arg(long)]
-    relay_bin: Option<PathBuf>,
-    /// The `tests/fixtures` folder.
-    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures"))]
-    fixtures: PathBuf,
-    /// Concurrency levels: HTTP connections C for the relay, publishes in flight W for raw.
-    #[arg(long, value_delimiter = ',', default_value = "1,64,256")]
-    concurrency: Vec<usize>,
-    /// Channels of the relay's pool (`amqp.channels`) and of the multi-channel raw run.
-    #[arg(long, default_value_t = 4)]
-    channels: usize,
-    /// Channel counts of the raw publisher at W > 1 (default: 1 and `--channels`).
-    #[arg(long, value_delimiter = ',')]
-    raw_channels: Vec<usize>,
-    /// What the raw publisher sends, one measurement each: `std` (the relay's envelope
-    /// and properties; the reference for ratios, listed first), `nohdr` (without the
-    /// `cloudEvents_*` headers), `nomand` (`mandatory` off), `body` (the request body
-    /// instead of the envelope), `min` (only `delivery_mode = 2`), joined with `+`.
-    #[arg(long, value_delimiter = ',', default_value = "std")]
-    raw_variants: Vec<Variant>,
-    /// Rounds; each round starts a fresh relay and measures every setting once.
-    #[arg(long, default_value_t = 3)]
-    rounds: usize,
-    /// Measured seconds per setting.
-    #[arg(long, default_value_t = 3.0)]
-    duration_secs: f64,
-    /// Warm-up seconds per setting (sent and counted in the queue, not timed).
-    #[arg(long, default_value_t = 1.0)]
-    warmup_secs: f64,
-    /// Body sizes: `mixed` (fixtures as they are plus 1 KiB and 8 KiB variants) or a byte count.
-    #[arg(long, default_value = "mixed")]
-    size: SizeMix,
-    /// Rotation secrets configured on the relay besides the signing one (one HMAC each).
-    #[arg(long, default_value_t = 0)]
-    extra_secrets: usize,
-    /// Run the relay without its spool (default: spool enabled in a temp dir, as shipped).
-    #[arg(long)]
-    no_spool: bool,
-    /// Smoke mode for CI (under 30 s): 1 round, C = 1,64, 1 s windows.
-    #[arg(long)]
-    quick: bool,
-    /// Measure only these sides (e.g. `relay` while profiling it); comparisons need several.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "raw,bare,relay")]
-    only: Vec<Side>,
-    /// Keep the temp dir (relay configs and logs) and print its path.
-    #[arg(long)]
-    keep_temp: bool,
-    /// A second relay measured beside the first in every round ("relay B"), for A/B
-    /// comparisons of two builds in one run: its binary…
-    #[arg(long)]
-    b_bin: Option<PathBuf>,
-    /// …and/or its `amqp.channels` (default: `--channels`).
-    #[arg(long)]
-    b_channels: Option<usize>,
-    /// Internal: run as the bare relay (the bench starts it).
-    #[arg(long, hide = true)]
-    serve_bare: bool,
-    /// Internal: the bare relay's exchange.
-    #[arg(long, hide = true, default_value = "")]
-    bare_exchange: String,
-}
-
-/// What can be measured.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum Side {
-    Raw,
-    Bare,
-    Relay,
-}
 
 /// What is measured in one row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -177,17 +96,7 @@ struct Watched {
 }
 
 fn main() -> ExitCode {
-    let mut args = Args::parse();
-    if args.raw_channels.is_empty() {
-        args.raw_channels = vec![1, args.channels];
-        args.raw_channels.dedup();
-    }
-    if args.quick {
-        args.rounds = 1;
-        args.concurrency = vec![1, 64];
-        args.duration_secs = 1.0;
-        args.warmup_secs = 0.3;
-    }
+    let args = Args::parse_settled();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -226,7 +135,7 @@ struct Results {
 }
 
 async fn run(args: Args) -> anyhow::Result<bool> {
-    validate(&args)?;
+    args.validate()?;
     let relay_bin = match &args.relay_bin {
         Some(p) => p.clone(),
         None => std::env::current_exe().context("locating this binary")?.with_file_name("hookrelay"),
@@ -234,7 +143,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     if !relay_bin.is_file() {
         bail!("no relay binary at {}; build it with `cargo build --release --bins`", relay_bin.display());
     }
-    warn_if_stale(&relay_bin);
+    report::warn_if_stale(&relay_bin);
     let work = Workload::load(&args.fixtures, args.size)?;
     let run_id = format!("hrbench-{}-{:04x}", std::process::id(), fastrand::u16(..));
     let temp = std::env::temp_dir().join(&run_id);
@@ -264,7 +173,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let admin = broker::connect(&args.amqp_url, "hookrelay-bench").await?;
     broker::declare_topology(&admin, &raw_topology).await?;
 
-    print_header(&args, &setup, &work);
+    report::print_header(&args, &setup, &work);
     let mut results = Results::default();
     let mut startup_topologies = Vec::new();
     let setups = Setups { relay: &setup, b: setup_b.as_ref(), raw: &raw_setup };
@@ -287,29 +196,6 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     }
     outcome?;
     Ok(report::report(&args, &results))
-}
-
-fn validate(args: &Args) -> anyhow::Result<()> {
-    if args.concurrency.is_empty() || args.concurrency.iter().any(|&c| c == 0 || c > 4096) {
-        bail!("--concurrency takes levels from 1 to 4096");
-    }
-    if !(1..=64).contains(&args.channels) || args.raw_channels.iter().any(|c| !(1..=64).contains(c)) {
-        bail!("--channels and --raw-channels take 1 to 64");
-    }
-    if args.raw_variants.is_empty() {
-        bail!("--raw-variants needs at least one variant");
-    }
-    if !(1..=20).contains(&args.rounds) {
-        bail!("--rounds takes 1 to 20");
-    }
-    if !(0.1..=60.0).contains(&args.duration_secs) || !(0.0..=30.0).contains(&args.warmup_secs) {
-        bail!("--duration-secs takes 0.1 to 60, --warmup-secs 0 to 30");
-    }
-    let host = args.amqp_url.split('@').next_back().unwrap_or("");
-    if !(host.starts_with("127.") || host.starts_with("localhost") || host.starts_with("[::1]")) {
-        bail!("the bench only talks to a broker on this machine (127.0.0.0/8, localhost, [::1])");
-    }
-    Ok(())
 }
 
 /// How each side is configured.
@@ -509,86 +395,4 @@ async fn count_and_purge(admin: &Connection, queue: &str, sample: &mut Sample) -
 fn broker_port(url: &str) -> Option<u16> {
     let host = url.split('@').next_back()?.split('/').next()?;
     Some(host.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).unwrap_or(5672))
-}
-
-fn warn_if_stale(bin: &std::path::Path) {
-    let newest_src = walk_newest(&PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/src")), 0);
-    // (The bench's own sources under src/bin do not make the relay stale.)
-    let built = std::fs::metadata(bin).and_then(|m| m.modified()).ok();
-    if let (Some(src), Some(built)) = (newest_src, built)
-        && src > built
-    {
-        eprintln!(
-            "warning: {} is older than the newest file under src/; rebuild with `cargo build --release --bins`",
-            bin.display()
-        );
-    }
-}
-
-fn walk_newest(dir: &std::path::Path, depth: usize) -> Option<std::time::SystemTime> {
-    if depth > 4 {
-        return None;
-    }
-    let mut newest = None;
-    for entry in std::fs::read_dir(dir).ok()?.flatten() {
-        let path = entry.path();
-        let t = if path.is_dir() {
-            if path.ends_with("src/bin") {
-                continue;
-            }
-            walk_newest(&path, depth + 1)
-        } else {
-            entry.metadata().and_then(|m| m.modified()).ok()
-        };
-        newest = newest.max(t);
-    }
-    newest
-}
-
-fn print_header(args: &Args, setup: &RelaySetup, work: &Workload) {
-    let (bmin, bmean, bmax) = work.body_sizes();
-    let (emin, emean, emax) = work.envelope_sizes();
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    println!("hookrelay-bench");
-    println!("  broker     {} (quorum queues, persistent, mandatory, confirms)", redact(&args.amqp_url));
-    println!(
-        "  relay      {} (amqp.channels = {}, spool {})",
-        setup.bin.display(),
-        setup.channels,
-        if setup.spool { "on" } else { "off" }
-    );
-    println!(
-        "  messages   {} bodies {}–{} B (mean {}), envelopes {}–{} B (mean {}); {} secret(s) on the relay",
-        work.messages.len(),
-        bmin,
-        bmax,
-        bmean,
-        emin,
-        emax,
-        emean,
-        1 + args.extra_secrets
-    );
-    let variants: Vec<&str> = args.raw_variants.iter().map(|v| v.name.as_str()).collect();
-    println!(
-        "  plan       {} round(s) × levels {:?}; {:.1} s warm-up + {:.1} s measured per setting; raw ({} on {:?} channels), bare and relay alternate",
-        args.rounds,
-        args.concurrency,
-        args.warmup_secs,
-        args.duration_secs,
-        variants.join(", "),
-        args.raw_channels
-    );
-    println!(
-        "  machine    {cpus} CPUs, load average {}",
-        load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
-    );
-    println!();
-}
-
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}://…@{}", &url[..s], &url[at + 1..]),
-        _ => url.to_owned(),
-    }
 }

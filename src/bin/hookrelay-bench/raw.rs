@@ -182,24 +182,22 @@ async fn worker(
         })
         .await;
         let done = Instant::now();
-        match outcome {
+        // A failed publish or a missing confirm ends this publisher's loop; a return or
+        // a nack is counted and the loop goes on.
+        let (problem, fatal): (String, bool) = match outcome {
             Ok(Ok(Confirmation::Ack(None))) => {
-                log.succeeded += 1;
-                if window.counts(done) {
-                    log.latencies.push(done - began);
-                }
+                log.succeed(&window, began, done);
+                continue;
             }
-            Ok(Ok(Confirmation::Ack(Some(_)))) => log.fail(|| "the broker returned a message".into()),
-            Ok(Ok(Confirmation::Nack(_))) => log.fail(|| "the broker nacked a message".into()),
-            Ok(Ok(Confirmation::NotRequested)) => log.fail(|| "the channel is not in confirm mode".into()),
-            Ok(Err(e)) => {
-                log.fail(|| format!("publish failed: {e}"));
-                break;
-            }
-            Err(_) => {
-                log.fail(|| format!("no confirm within {CONFIRM_TIMEOUT:?}"));
-                break;
-            }
+            Ok(Ok(Confirmation::Ack(Some(_)))) => ("the broker returned a message".into(), false),
+            Ok(Ok(Confirmation::Nack(_))) => ("the broker nacked a message".into(), false),
+            Ok(Ok(Confirmation::NotRequested)) => ("the channel is not in confirm mode".into(), false),
+            Ok(Err(e)) => (format!("publish failed: {e}"), true),
+            Err(_) => (format!("no confirm within {CONFIRM_TIMEOUT:?}"), true),
+        };
+        log.fail(|| problem);
+        if fatal {
+            break;
         }
     }
     log

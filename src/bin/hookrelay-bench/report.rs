@@ -4,8 +4,11 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::args::Args;
+use crate::messages::Workload;
+use crate::relay::RelaySetup;
 use crate::stats::{Sample, median};
-use crate::{Args, Kind, Results, broker};
+use crate::{Kind, Results, broker};
 
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
@@ -293,5 +296,91 @@ fn median_sample(v: &[Sample]) -> Sample {
         failed: v.iter().map(|s| s.failed).sum(),
         in_queue: v.iter().map(|s| s.in_queue).sum(),
         first_error: v.iter().find_map(|s| s.first_error.clone()),
+    }
+}
+
+/// Warns when the relay binary is older than the newest relay source file.
+pub fn warn_if_stale(bin: &std::path::Path) {
+    let newest_src = walk_newest(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/src")), 0);
+    // (The bench's own sources under src/bin do not make the relay stale.)
+    let built = std::fs::metadata(bin).and_then(|m| m.modified()).ok();
+    if let (Some(src), Some(built)) = (newest_src, built)
+        && src > built
+    {
+        eprintln!(
+            "warning: {} is older than the newest file under src/; rebuild with `cargo build --release --bins`",
+            bin.display()
+        );
+    }
+}
+
+/// The newest modification time under `dir` (src/bin excluded), `depth` levels down at most.
+fn walk_newest(dir: &std::path::Path, depth: usize) -> Option<std::time::SystemTime> {
+    if depth > 4 {
+        return None;
+    }
+    let mut newest = None;
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        let t = if path.is_dir() {
+            if path.ends_with("src/bin") {
+                continue;
+            }
+            walk_newest(&path, depth + 1)
+        } else {
+            entry.metadata().and_then(|m| m.modified()).ok()
+        };
+        newest = newest.max(t);
+    }
+    newest
+}
+
+/// The run's settings and the machine, printed before the first measurement.
+pub fn print_header(args: &Args, setup: &RelaySetup, work: &Workload) {
+    let (bmin, bmean, bmax) = work.body_sizes();
+    let (emin, emean, emax) = work.envelope_sizes();
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!("hookrelay-bench");
+    println!("  broker     {} (quorum queues, persistent, mandatory, confirms)", redact(&args.amqp_url));
+    println!(
+        "  relay      {} (amqp.channels = {}, spool {})",
+        setup.bin.display(),
+        setup.channels,
+        if setup.spool { "on" } else { "off" }
+    );
+    println!(
+        "  messages   {} bodies {}–{} B (mean {}), envelopes {}–{} B (mean {}); {} secret(s) on the relay",
+        work.messages.len(),
+        bmin,
+        bmax,
+        bmean,
+        emin,
+        emax,
+        emean,
+        1 + args.extra_secrets
+    );
+    let variants: Vec<&str> = args.raw_variants.iter().map(|v| v.name.as_str()).collect();
+    println!(
+        "  plan       {} round(s) × levels {:?}; {:.1} s warm-up + {:.1} s measured per setting; raw ({} on {:?} channels), bare and relay alternate",
+        args.rounds,
+        args.concurrency,
+        args.warmup_secs,
+        args.duration_secs,
+        variants.join(", "),
+        args.raw_channels
+    );
+    println!(
+        "  machine    {cpus} CPUs, load average {}",
+        load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+    );
+    println!();
+}
+
+/// `url` without its user and password.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://…@{}", &url[..s], &url[at + 1..]),
+        _ => url.to_owned(),
     }
 }

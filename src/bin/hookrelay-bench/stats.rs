@@ -2,6 +2,10 @@
 
 use std::time::Duration;
 
+use tokio::time::Instant;
+
+use crate::window::Window;
+
 /// Completions recorded by one worker.
 #[derive(Debug, Default)]
 pub struct WorkerLog {
@@ -16,6 +20,15 @@ pub struct WorkerLog {
 }
 
 impl WorkerLog {
+    /// Records a success sent at `began` and completed at `done`; its latency counts
+    /// when `window` does.
+    pub fn succeed(&mut self, window: &Window, began: Instant, done: Instant) {
+        self.succeeded += 1;
+        if window.counts(done) {
+            self.latencies.push(done - began);
+        }
+    }
+
     /// Records a failure, keeping the first message.
     pub fn fail(&mut self, what: impl FnOnce() -> String) {
         self.failed += 1;

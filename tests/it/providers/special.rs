@@ -81,8 +81,7 @@ async fn slack_handshake_forms_and_retries() {
     assert_eq!(got[0].routing_key.as_str(), "slack.command");
     let ce: Value = serde_json::from_slice(&got[0].data).unwrap();
     assert_eq!(ce["datacontenttype"], "application/x-www-form-urlencoded");
-    let data = base64::engine::general_purpose::STANDARD.decode(ce["data_base64"].as_str().unwrap()).unwrap();
-    assert_eq!(data, form);
+    assert_eq!(data_base64(&ce), form);
     assert!(ce.get("data").is_none());
     assert_eq!(got[1].routing_key.as_str(), "slack.event.message");
     assert!(take_messages(&conn, &queue, 1, Duration::from_millis(300)).await.is_empty());
@@ -106,8 +105,7 @@ async fn generic_hmac_defaults_relay_forms_as_bytes() {
     assert_eq!(got[0].routing_key.as_str(), "plain.webhook");
     let ce: Value = serde_json::from_slice(&got[0].data).unwrap();
     assert_eq!(ce["type"], "plain.webhook");
-    let data = base64::engine::general_purpose::STANDARD.decode(ce["data_base64"].as_str().unwrap()).unwrap();
-    assert_eq!(data, form);
+    assert_eq!(data_base64(&ce), form);
     assert_eq!(
         relay.metric("hookrelay_events_published_total", &[("source", "plain"), ("event", "webhook")]).await,
         1.0
@@ -191,21 +189,22 @@ async fn sign_prints_any_kinds_headers() {
     relay.stop_and_cleanup().await;
 }
 
+/// The bytes of an envelope's `data_base64`.
+fn data_base64(envelope: &Value) -> Vec<u8> {
+    base64::engine::general_purpose::STANDARD.decode(envelope["data_base64"].as_str().unwrap()).unwrap()
+}
+
 /// An unknown kind stops `check-config` (and start-up) with exit 2 naming the key; a
 /// configuration with every kind passes.
 #[test]
 fn check_config_refuses_an_unknown_kind_and_accepts_every_kind() {
-    use std::process::Command;
     let dir = temp_dir("hr-kinds");
-    let bad = dir.join("bad.toml");
-    std::fs::write(&bad, "[sources.pay]\nkind = \"strype\"\nsecrets = \"s-NOT-REAL\"\n").unwrap();
-    let out = Command::new(BIN).arg("--config").arg(&bad).arg("check-config").output().unwrap();
+    let out = check_config(&dir, "bad", "[sources.pay]\nkind = \"strype\"\nsecrets = \"s-NOT-REAL\"\n");
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("sources.pay.kind") && err.contains("strype") && err.contains("stripe"), "{err}");
     assert!(!err.contains("s-NOT-REAL"), "{err}");
 
-    let good = dir.join("good.toml");
     let text = [
         "[sources.a]\nkind = \"patreon\"\nsecrets = \"s\"\n",
         "[sources.b]\nkind = \"github\"\nsecrets = \"s\"\n",
@@ -216,8 +215,7 @@ fn check_config_refuses_an_unknown_kind_and_accepts_every_kind() {
         "[sources.g]\nkind = \"hmac\"\nsecrets = \"s\"\nsignature_header = \"X-Sig\"\nalgorithm = \"md5\"\n",
     ]
     .concat();
-    std::fs::write(&good, text).unwrap();
-    let out = Command::new(BIN).arg("--config").arg(&good).arg("check-config").output().unwrap();
+    let out = check_config(&dir, "good", &text);
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{said}{}", String::from_utf8_lossy(&out.stderr));
     assert!(said.contains("7 source(s)"), "{said}");

@@ -47,7 +47,15 @@ pub async fn cleanup(toml: &str) {
     tokio::time::timeout(Duration::from_secs(30), cleanup_on(&conn, toml))
         .await
         .expect("the broker did not delete the test's queues and exchanges within 30 s");
-    let _ = conn.close(200, "cleanup".into()).await;
+    close(conn, "cleanup").await;
+}
+
+/// Closes a test's own connection, waiting 5 s at most: lapin's `close` can wait for
+/// ever when one of the connection's channels is itself closing (it logs "invalid
+/// channel state: Closing"), and a test must not hang on its way out: after 5 s the
+/// connection is dropped unclosed and the broker closes it when its socket goes.
+pub async fn close(conn: Connection, why: &str) {
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn.close(200, why.into())).await;
 }
 
 /// Deletes the queues and exchanges a relay with `toml` declares, over `conn`.

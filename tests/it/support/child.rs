@@ -13,6 +13,13 @@ use super::*;
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_hookrelay");
 
+/// Writes `toml` to `{dir}/{name}.toml` and runs `hookrelay --config <it> check-config`.
+pub fn check_config(dir: &Path, name: &str, toml: &str) -> std::process::Output {
+    let file = dir.join(format!("{name}.toml"));
+    std::fs::write(&file, toml).unwrap();
+    Command::new(BIN).arg("--config").arg(&file).arg("check-config").output().unwrap()
+}
+
 /// An address nothing listens on right now.
 pub fn free_addr() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

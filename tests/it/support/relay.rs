@@ -268,7 +268,7 @@ impl Relay {
         let (queue, exchange) = (self.queue("patreon"), self.exchange.as_str());
         let args = lapin::types::FieldTable::default();
         ch.queue_unbind(queue.as_str().into(), exchange.into(), "patreon.#".into(), args).await.unwrap();
-        let _ = conn.close(200, "unbound".into()).await;
+        close(conn, "unbound").await;
     }
 
     /// Asks the relay to stop and waits for it.
