@@ -323,7 +323,7 @@ async fn a_rejecting_consumer_sees_the_message_again_then_finds_it_parked_and_re
     // No fourth delivery.
     assert!(tokio::time::timeout(Duration::from_millis(800), consumer.next()).await.is_err());
     drop(consumer);
-    let _ = ch.close(200, "done".into()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), ch.close(200, "done".into())).await;
 
     // Dry run lists and leaves it; a real replay moves it back with its original key.
     let mut lines = Vec::new();

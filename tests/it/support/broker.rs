@@ -84,9 +84,14 @@ pub async fn take_messages(
     let mut out = Vec::new();
     let deadline = Instant::now() + limit;
     while out.len() < n && Instant::now() < deadline {
-        match ch.basic_get(queue.into(), BasicGetOptions { no_ack: true }).await.unwrap() {
-            Some(msg) => out.push(msg.delivery),
-            None => tokio::time::sleep(Duration::from_millis(20)).await,
+        // Bounded too: a get the broker never answers ends the wait like an empty queue.
+        let get = ch.basic_get(queue.into(), BasicGetOptions { no_ack: true });
+        match tokio::time::timeout_at(deadline, get).await {
+            Ok(got) => match got.unwrap() {
+                Some(msg) => out.push(msg.delivery),
+                None => tokio::time::sleep(Duration::from_millis(20)).await,
+            },
+            Err(_) => break,
         }
     }
     out
