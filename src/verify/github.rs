@@ -6,9 +6,8 @@
 //! SHA-256 header a delivery counts as unsigned.
 
 use std::borrow::Cow;
-use std::time::SystemTime;
-
 use std::sync::LazyLock;
+use std::time::SystemTime;
 
 use super::event::{self, EventSource};
 use super::keyed::{self, Keyed, KnownEvents, Layout, lines};

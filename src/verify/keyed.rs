@@ -47,8 +47,8 @@ pub(crate) fn body_signed_headers(
 
 /// What one source of an HMAC-SHA256 kind keeps. `Debug` shows no key material.
 pub(crate) struct Keyed<const N: usize> {
-    /// The secrets, keyed once.
-    pub keys: Sha256Keys,
+    /// The secrets, keyed once (checked through [`Keyed::check`]).
+    keys: Sha256Keys,
     /// How far a signed timestamp may be from now (`None`: not checked).
     pub tolerance: Option<Duration>,
     /// The headers the rule reads, in the order the kind listed them.
@@ -97,7 +97,7 @@ impl<const N: usize> Keyed<N> {
         parts: &[&[u8]],
         candidates: &[C],
     ) -> Result<(), SignatureError> {
-        if self.keys.any_matches(parts, candidates) { Ok(()) } else { Err(SignatureError::Mismatch) }
+        self.keys.check(parts, candidates)
     }
 }
 

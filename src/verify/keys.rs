@@ -6,6 +6,8 @@ use hmac::digest::KeyInit;
 use hmac::{Hmac, Mac};
 use subtle::{Choice, ConstantTimeEq};
 
+use super::SignatureError;
+
 /// Pre-keyed MAC states, one per secret. `Debug` never shows key material.
 #[derive(Clone)]
 pub(crate) struct Keys<M> {
@@ -51,6 +53,15 @@ impl<M: Mac + KeyInit + Clone> Keys<M> {
             }
         }
         bool::from(matched)
+    }
+
+    /// [`Keys::any_matches`] as a verdict: a mismatch when no secret signed `parts`.
+    pub(crate) fn check<C: AsRef<[u8]>>(
+        &self,
+        parts: &[&[u8]],
+        candidates: &[C],
+    ) -> Result<(), SignatureError> {
+        if self.any_matches(parts, candidates) { Ok(()) } else { Err(SignatureError::Mismatch) }
     }
 }
 

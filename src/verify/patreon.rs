@@ -100,7 +100,7 @@ impl PatreonVerifier {
     pub fn check_signature(&self, signature: Option<&[u8]>, body: &[u8]) -> Result<(), SignatureError> {
         let header = signature.ok_or(SignatureError::Missing)?;
         let expected = hex_digest::<DIGEST_BYTES>(header).ok_or(SignatureError::Malformed)?;
-        if self.keys.any_matches(&[body], &[expected]) { Ok(()) } else { Err(SignatureError::Mismatch) }
+        self.keys.check(&[body], &[expected])
     }
 }
 

@@ -3,9 +3,8 @@
 //! delivery id in `X-Shopify-Event-Id` (the same on duplicates), else
 //! `X-Shopify-Webhook-Id`. Bodies are always JSON.
 
-use std::time::SystemTime;
-
 use std::sync::LazyLock;
+use std::time::SystemTime;
 
 use super::event::{self, EventSource};
 use super::keyed::{self, Keyed, KnownEvents, Layout, lines};

@@ -9,9 +9,8 @@
 //! else `interaction`. A signed `url_verification` is answered with its challenge.
 
 use std::borrow::Cow;
-use std::time::SystemTime;
-
 use std::sync::LazyLock;
+use std::time::SystemTime;
 
 use super::event::{self, EventSource};
 use super::keyed::{Keyed, KnownEvents, Layout, lines};

@@ -7,9 +7,8 @@
 //! Tolerance: Stripe's own libraries refuse only timestamps older than the tolerance;
 //! hookrelay refuses both directions (a clock far ahead is no more trustworthy).
 
-use std::time::SystemTime;
-
 use std::sync::LazyLock;
+use std::time::SystemTime;
 
 use super::event::{self, EventSource};
 use super::keyed::{Keyed, KnownEvents, Layout, lines};
